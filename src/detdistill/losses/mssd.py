@@ -1,0 +1,155 @@
+"""MSSD: multi-scale self-distillation losses.
+
+Jia, Z., Sun, S., Liu, G. et al., "MSSD: multi-scale self-distillation for object
+detection", Visual Intelligence 2, 8 (2024), doi:10.1007/s44267-024-00040-3.
+
+No teacher network: inside a PAFPN neck the top-down FPN map ``F_l`` at scale ``l`` teaches
+the deeper bottom-up PAN map ``P_l`` at the same scale. A Gaussian foreground mask ``M_l``
+(see :mod:`detdistill.losses.gaussian_mask`) is (a) the target of an auxiliary MSE through a
+per-scale adaptation layer ``A_l`` and (b) optionally a weight that focuses the
+self-distillation on objects::
+
+    L_self = sum_l  w_l * sum_{n,c,h,w} M_l (P_l - sg(F_l))^2 / (C * (sum_{n,h,w} M_l + eps))
+    L_mask = lambda * sum_l  mean_{n,h,w} (sigmoid(A_l(P_l)) - M_l)^2
+
+``sg`` is stop-gradient: the FPN side is the teacher, so it is detached (METHODS.md §3 open
+detail; the paper treats FPN maps as fixed teachers of the PAN outputs). The adaptation
+layers exist only for training; the detector is unchanged at inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .gaussian_mask import SigmaMode, gaussian_masks
+
+__all__ = ["mssd_self_distill_loss", "mssd_mask_loss", "MSSDLoss"]
+
+_EPS = 1e-6
+
+
+def mssd_self_distill_loss(fpn: Tensor, pan: Tensor, mask: Tensor | None = None, eps: float = _EPS) -> Tensor:
+    """MSE from the PAN map (student) to the detached FPN map (teacher) at one scale.
+
+    Args:
+        fpn: ``(N, C, H, W)`` FPN map; detached here, receives no gradient.
+        pan: ``(N, C, H, W)`` PAN map at the same scale; receives the gradient.
+        mask: optional ``(N, 1, H, W)`` non-negative weights (the Gaussian mask).
+
+    Returns:
+        Scalar. Without a mask: ``mean((pan - fpn)^2)``. With a mask:
+        ``sum(mask * (pan - fpn)^2) / (C * (sum(mask) + eps))``, i.e. the mask-weighted mean of
+        the per-element squared error. Dividing by the mask mass (not by ``N*H*W``) keeps the
+        loss on the scale of a plain MSE regardless of how many/large the objects are, and the
+        ``C`` factor makes it a per-element mean like ``F.mse_loss``. A scale with no objects
+        (all-zero mask) contributes exactly 0, which is the intent: focus on targets.
+    """
+    if fpn.shape != pan.shape:
+        raise ValueError(f"FPN {tuple(fpn.shape)} and PAN {tuple(pan.shape)} maps must have the same shape")
+    teacher = fpn.detach()
+    if mask is None:
+        return F.mse_loss(pan, teacher)
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != pan.shape[0] or mask.shape[-2:] != pan.shape[-2:]:
+        raise ValueError(f"mask must be (N, 1, H, W) matching {tuple(pan.shape)}, got {tuple(mask.shape)}")
+    mask = mask.detach().to(pan.dtype)
+    sq = (pan - teacher) ** 2
+    return (sq * mask).sum() / (pan.shape[1] * (mask.sum() + eps))
+
+
+def mssd_mask_loss(adapted: Tensor, mask: Tensor) -> Tensor:
+    """Plain MSE between the adapted output ``(N, 1, H, W)`` (in ``[0, 1]``) and the Gaussian mask ``(N, 1, H, W)``."""
+    if adapted.shape != mask.shape:
+        raise ValueError(f"adapted {tuple(adapted.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    return F.mse_loss(adapted, mask.detach().to(adapted.dtype))
+
+
+class MSSDLoss(nn.Module):
+    """Multi-scale self-distillation plus Gaussian-mask auxiliary loss.
+
+    Parameters are only the per-scale adaptation layers ``adapters[l]``: a 1x1 conv
+    ``C -> 1``; a sigmoid follows in ``forward`` because the mask lies in ``[0, 1]`` and a
+    bounded output keeps the MSE well-conditioned (cf. CenterNet heatmaps). Biases start at
+    ``log(0.01/0.99)`` so the initial prediction is near the all-background mask, which
+    avoids a large first-step gradient into the neck.
+
+    Args:
+        channels: PAN channels (one int for all scales, or one per scale).
+        num_scales: number of FPN/PAN pairs.
+        scale_weights: ``w_l``, one per scale, for the self-distillation term.
+        mask_weight: ``lambda`` for the mask term (summed over scales, not scale-weighted:
+            the paper's per-scale coefficients are for the distillation losses).
+        use_mask_weighting: weight the self-distillation term by the Gaussian mask.
+        size_thresholds, sigma_mode, strides: forwarded to :func:`gaussian_masks`.
+    """
+
+    def __init__(
+        self,
+        channels: int | Sequence[int],
+        num_scales: int = 3,
+        scale_weights: Sequence[float] = (1.0, 1.0, 1.0),
+        mask_weight: float = 1.0,
+        use_mask_weighting: bool = True,
+        size_thresholds: Sequence[float] = (32.0, 96.0),
+        sigma_mode: SigmaMode = "centernet",
+        strides: Sequence[int] = (8, 16, 32),
+    ) -> None:
+        super().__init__()
+        chans = [channels] * num_scales if isinstance(channels, int) else list(channels)
+        if not (len(chans) == len(scale_weights) == len(strides) == num_scales):
+            raise ValueError("channels, scale_weights and strides need one entry per scale")
+        if len(size_thresholds) != num_scales - 1:
+            raise ValueError(f"need num_scales - 1 = {num_scales - 1} size thresholds")
+        self.num_scales = num_scales
+        self.scale_weights = tuple(float(w) for w in scale_weights)
+        self.mask_weight = float(mask_weight)
+        self.use_mask_weighting = use_mask_weighting
+        self.size_thresholds = tuple(float(t) for t in size_thresholds)
+        self.sigma_mode: SigmaMode = sigma_mode
+        self.strides = tuple(int(s) for s in strides)
+        self.adapters = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1) for c in chans)
+        prior = torch.logit(torch.tensor(0.01)).item()
+        for conv in self.adapters:
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.constant_(conv.bias, prior)
+
+    def forward(
+        self,
+        fpn_maps: list[Tensor],
+        pan_maps: list[Tensor],
+        boxes_per_image: list[Tensor],
+        image_size: tuple[int, int],
+    ) -> dict[str, Tensor]:
+        """Args:
+            fpn_maps: ``num_scales`` teacher maps ``(N, C_l, H_l, W_l)``, finest first.
+            pan_maps: ``num_scales`` student maps, same shapes.
+            boxes_per_image: ``N`` tensors ``(K_i, 4)`` xyxy pixels in the padded input frame.
+            image_size: ``(H, W)`` of the padded network input.
+
+        Returns:
+            ``{'mssd_self': sum_l w_l L_self_l, 'mssd_mask': lambda * sum_l L_mask_l}``, scalars.
+        """
+        if len(fpn_maps) != self.num_scales or len(pan_maps) != self.num_scales:
+            raise ValueError(f"expected {self.num_scales} FPN and PAN maps, got {len(fpn_maps)} and {len(pan_maps)}")
+        device = pan_maps[0].device
+        with torch.no_grad():
+            masks = gaussian_masks(
+                [b.to(device) for b in boxes_per_image],
+                image_size,
+                strides=self.strides,
+                size_thresholds=self.size_thresholds,
+                sigma_mode=self.sigma_mode,
+                feature_sizes=[tuple(p.shape[-2:]) for p in pan_maps],  # match the real maps
+            )
+        self_total = pan_maps[0].new_zeros(())
+        mask_total = pan_maps[0].new_zeros(())
+        for lvl, (fpn, pan, mask) in enumerate(zip(fpn_maps, pan_maps, masks)):
+            mask = mask.to(device=device, dtype=pan.dtype)
+            weight = mask if self.use_mask_weighting else None
+            self_total = self_total + self.scale_weights[lvl] * mssd_self_distill_loss(fpn, pan, weight)
+            adapted = torch.sigmoid(self.adapters[lvl](pan))
+            mask_total = mask_total + mssd_mask_loss(adapted, mask)
+        return {"mssd_self": self_total, "mssd_mask": self.mask_weight * mask_total}
