@@ -1,0 +1,185 @@
+"""The ``detdistill`` command line: train, distill, eval, predict, export, list, bench, quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _cmd_train(args: argparse.Namespace, *, need_distill: bool = False) -> int:
+    from .config import load_config
+    from .engine.train import train
+    from .report.tables import format_metrics_table
+
+    cfg = load_config(args.config, args.overrides)
+    if need_distill and not cfg.distill:
+        print(f"error: {args.config} has no `distill:` terms; use `detdistill train` for plain training", file=sys.stderr)
+        return 2
+    resume: bool | str = args.resume if args.resume else not args.fresh
+    result = train(cfg, resume=resume, progress=not args.quiet)
+    if result.final is not None:
+        row = {"name": cfg.name, **result.final.as_dict()}
+        print(format_metrics_table([row], ["name", "AP", "AP50", "AP75", "APs", "APm", "APl"]))
+    print(f"run directory: {result.run_dir}  (metrics.jsonl, plots *.png, checkpoints/last.pt, export/)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.dataset import EvalDataset
+    from .data.transforms import EvalTransform
+    from .engine.evaluate import evaluate
+    from .engine.restore import restore_model
+    from .engine.train import load_split, resolve_device
+    from .config import load_config
+    from .report.tables import format_metrics_table
+
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(cfg.train.device)
+    restored = restore_model(args.checkpoint, device)
+    val = load_split(cfg, "val")
+    print(val.summary())
+    if val.class_names != restored.class_names:
+        print(f"warning: checkpoint classes {restored.class_names} differ from the data's {val.class_names}", file=sys.stderr)
+    with torch.no_grad():
+        result = evaluate(restored.model, restored.adapter, EvalDataset(val, EvalTransform()), cfg.eval, device,
+                          nms_thresh=restored.config.model.nms_thresh)
+    row = {"name": Path(args.checkpoint).name, **result.as_dict()}
+    print(format_metrics_table([row], ["name", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]))
+    per_class = [{"class": k, "AP": v} for k, v in result.per_class_AP.items()]
+    print(format_metrics_table(per_class, ["class", "AP"], title="per-class AP"))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_images
+
+    paths = predict_images(args.checkpoint, args.images, out_dir=Path(args.out), score_thresh=args.score,
+                           tile_size=args.tile, device=args.device)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .engine.restore import restore_model
+
+    r = restore_model(args.checkpoint)
+    path = r.adapter.export(r.model, r.config.model, len(r.class_names), Path(args.out))
+    print(f"student-only weights: {path} (see {Path(args.out) / 'model.json'})")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .adapters.base import ADAPTERS, get_adapter
+    from .config import ModelConfig
+    from .distill.methods import METHODS
+
+    get_adapter("torchvision")
+    if args.model:
+        cfg = ModelConfig(framework=args.framework, arch=args.model, backbone=args.backbone, fpn_channels=args.fpn_channels)
+        adapter = get_adapter(args.framework)
+        model = adapter.build(cfg, args.num_classes)
+        print(f"tappable layers of {args.framework}/{args.model} ({args.backbone}, FPN {args.fpn_channels}):")
+        for info in adapter.taps(model).values():
+            print(f"  {info.name:<20} module={info.module:<28} key={info.key!s:<5} channels={info.channels:<5} stride={info.stride}")
+        print("any module path of the model is tappable too, e.g.:")
+        for name, _ in list(model.named_modules())[1:12]:
+            print(f"  {name}")
+        return 0
+    print("detector frameworks and architectures:")
+    for name in ADAPTERS:
+        print(f"  {name}: {', '.join(ADAPTERS.get(name).archs())}")
+    print("distillation methods (method: kind, default weight, paper):")
+    for name in METHODS:
+        spec = METHODS.get(name)
+        print(f"  {name:<6} {spec.kind:<8} w={spec.default_weight:<5} {spec.paper}")
+    print("use `detdistill list --model fcos --backbone resnet18` for a model's tappable layers")
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(Path(args.out), steps=args.steps, progress=not args.quiet)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    run_bench(Path(args.spec), out_dir=Path(args.out) if args.out else None, seeds=args.seeds, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="detdistill", description="Knowledge distillation for object detectors.")
+    p.add_argument("--version", action="version", version=f"detdistill {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    for name, help_ in (("train", "train a detector from a YAML config"),
+                        ("distill", "train a student with the config's distill terms and teacher")):
+        t = sub.add_parser(name, help=help_)
+        t.add_argument("config")
+        t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 model.backbone=resnet34")
+        t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the run directory")
+        t.add_argument("--resume", metavar="CKPT", help="resume from this checkpoint")
+        t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="COCO-evaluate a checkpoint on the config's val split")
+    e.add_argument("config")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--checkpoint", required=True)
+
+    pr = sub.add_parser("predict", help="draw a checkpoint's detections on images")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--out", default="predictions")
+    pr.add_argument("--score", type=float, default=0.3, help="minimum score drawn")
+    pr.add_argument("--tile", type=int, default=0, help="tile size for large images (0: whole image)")
+    pr.add_argument("--device", default="auto")
+
+    ex = sub.add_parser("export", help="write a student-only checkpoint loadable without detdistill")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--out", required=True)
+
+    ls = sub.add_parser("list", help="list detectors and methods, or a model's tappable layers")
+    ls.add_argument("--model", help="architecture, e.g. fcos, retinanet, fasterrcnn, yolo_pafpn")
+    ls.add_argument("--framework", default="torchvision")
+    ls.add_argument("--backbone", default="resnet18")
+    ls.add_argument("--fpn-channels", type=int, default=64)
+    ls.add_argument("--num-classes", type=int, default=2)
+
+    q = sub.add_parser("quickstart", help="teacher, student and distilled student on the embedded sample, in minutes")
+    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--steps", type=int, default=None, help="override the student schedule (for smoke tests)")
+    q.add_argument("--quiet", action="store_true")
+
+    b = sub.add_parser("bench", help="student alone vs each KD method over seeds; table + bar plot")
+    b.add_argument("spec", help="benchmark YAML (see configs/bench_aerial.yaml)")
+    b.add_argument("--out")
+    b.add_argument("--seeds", type=int, nargs="+")
+    b.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+
+    handlers = {"train": _cmd_train, "distill": lambda a: _cmd_train(a, need_distill=True), "eval": _cmd_eval,
+                "predict": _cmd_predict, "export": _cmd_export, "list": _cmd_list, "quickstart": _cmd_quickstart,
+                "bench": _cmd_bench}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
