@@ -308,5 +308,10 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
                 plot_run(run_dir)
         cleanup(info)
     seconds = time.perf_counter() - t0
-    return TrainResult(run_dir, final, step, seconds, float(np.mean(step_times)) if step_times else 0.0,
-                       peak_memory_mb(device))
+    result = TrainResult(run_dir, final, step, seconds, float(np.mean(step_times)) if step_times else 0.0,
+                         peak_memory_mb(device))
+    if info.is_main and final is not None:
+        (run_dir / "run_summary.json").write_text(json.dumps(
+            {"steps": result.steps, "seconds": seconds, "sec_per_step": result.sec_per_step,
+             "peak_mem_mb": result.peak_mem_mb, "resumed_from": start, "device": str(device)}, indent=2))
+    return result

@@ -1,0 +1,182 @@
+"""``detdistill bench``: the student alone vs the student with each KD method, over seeds.
+
+A benchmark spec is a flat YAML file::
+
+    name: aerial_kd
+    student_config: aerial_student_fcos_r18.yaml     # the student run, as for `detdistill train`
+    teacher_checkpoint: ../bench_runs/teacher/checkpoints/last.pt
+    seeds: [0, 1, 2]
+    overrides: ["train.steps=400"]                   # applied to every run
+    methods:
+      - name: alone                                  # no distill terms: the baseline
+      - name: pkd
+        distill: [{method: pkd, weight: 10, pairs: [[neck.p3, neck.p3], ...]}]
+
+Every (method, seed) run trains in its own subprocess (so peak memory is per run) under
+``<out>/<method>/seed<k>``; a finished run is skipped and an interrupted one resumes from
+its last checkpoint, so an interrupted bench continues where it stopped. The report holds
+AP, AP50, AP75, APs, APm, APl as mean ± std over seeds, seconds per training step and
+peak memory, a bar plot with error bars, and a verdict per method: it *beats* the
+baseline only when its mean gain exceeds the sum of both standard deviations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import ConfigError, DistillTermConfig, load_config
+from .report.plots import plot_bars
+from .report.tables import aggregate_seeds, format_metrics_table, markdown_table
+
+METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+class BenchMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    distill: list[DistillTermConfig] = Field(default_factory=list)
+    overrides: list[str] = Field(default_factory=list)
+
+
+class BenchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    student_config: str
+    teacher_checkpoint: str | None = None
+    teacher_input_scale: float = 1.0
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    overrides: list[str] = Field(default_factory=list)
+    methods: list[BenchMethod]
+    baseline: str = "alone"
+    output_dir: str = "bench_runs/{name}"
+
+
+def load_spec(path: Path) -> BenchSpec:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        spec = BenchSpec.model_validate(data)
+    except FileNotFoundError:
+        raise ConfigError(f"bench spec not found: {path}") from None
+    except ValidationError as err:
+        raise ConfigError(f"invalid bench spec {path}:\n{err}") from None
+    base = path.resolve().parent
+    spec.student_config = str((base / spec.student_config).resolve())
+    if spec.teacher_checkpoint:
+        spec.teacher_checkpoint = str((base / spec.teacher_checkpoint).resolve())
+    if spec.baseline not in [m.name for m in spec.methods]:
+        raise ConfigError(f"bench spec {path}: baseline {spec.baseline!r} is not among the methods")
+    return spec
+
+
+def _run_config(spec: BenchSpec, method: BenchMethod, seed: int, run_dir: Path) -> Path:
+    """Write the fully resolved config of one run and return its path."""
+    cfg = load_config(spec.student_config, [*spec.overrides, *method.overrides, f"seed={seed}"])
+    cfg = cfg.model_copy(update={"name": f"{method.name}_seed{seed}", "output_dir": str(run_dir),
+                                 "distill": method.distill})
+    if method.distill:
+        if not spec.teacher_checkpoint and any(t.method != "mssd" for t in method.distill):
+            raise ConfigError(f"method {method.name!r} needs `teacher_checkpoint` in the bench spec")
+        if spec.teacher_checkpoint:
+            cfg = cfg.model_copy(update={"teacher": {"checkpoint": spec.teacher_checkpoint,
+                                                     "input_scale": spec.teacher_input_scale}})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "bench_config.yaml"
+    path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    return path
+
+
+def _teacher_metrics(spec: BenchSpec, out: Path) -> dict[str, float] | None:
+    if not spec.teacher_checkpoint:
+        return None
+    cached = out / "teacher_metrics.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    final = Path(spec.teacher_checkpoint).parent.parent / "final_metrics.json"
+    if final.is_file():
+        cached.write_text(final.read_text())
+        return json.loads(final.read_text())
+    return None
+
+
+def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] | None = None,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or continue) every method x seed, then write ``results.md``, ``results.json``, ``bars.png``."""
+    spec = load_spec(spec_path)
+    seeds = seeds or spec.seeds
+    out = out_dir or Path(spec.output_dir.format(name=spec.name))
+    out.mkdir(parents=True, exist_ok=True)
+    per_method: dict[str, list[dict[str, float]]] = {}
+    total = len(spec.methods) * len(seeds)
+    k = 0
+    for method in spec.methods:
+        for seed in seeds:
+            k += 1
+            run_dir = out / method.name / f"seed{seed}"
+            final = run_dir / "final_metrics.json"
+            if not final.is_file():
+                cfg_path = _run_config(spec, method, seed, run_dir)
+                print(f"[{k}/{total}] {method.name} seed {seed}: training in {run_dir}", flush=True)
+                cmd = [sys.executable, "-m", "detdistill.cli", "train", str(cfg_path)] + ([] if progress else ["--quiet"])
+                with open(run_dir / "train.log", "a") as log:
+                    rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+                if rc != 0 or not final.is_file():
+                    raise RuntimeError(f"run {method.name} seed {seed} failed (exit {rc}); see {run_dir / 'train.log'}")
+            else:
+                print(f"[{k}/{total}] {method.name} seed {seed}: done already, skipping", flush=True)
+            metrics = {m: (v if v is not None else math.nan) for m, v in json.loads(final.read_text()).items()}
+            summary = json.loads((run_dir / "run_summary.json").read_text()) if (run_dir / "run_summary.json").is_file() else {}
+            metrics["s_per_step"] = summary.get("sec_per_step", math.nan)
+            metrics["peak_mem_mb"] = summary.get("peak_mem_mb", math.nan)
+            per_method.setdefault(method.name, []).append(metrics)
+    rows = [{"name": name, **aggregate_seeds(runs)} for name, runs in per_method.items()]
+    return write_report(spec, out, rows, _teacher_metrics(spec, out), seeds)
+
+
+def verdicts(rows: list[dict[str, Any]], baseline: str, metric: str = "AP") -> dict[str, str]:
+    """'beats' / 'worse' only when |mean gain| > std_method + std_baseline, else 'within noise'."""
+    base = next(r for r in rows if r["name"] == baseline)
+    out = {}
+    for r in rows:
+        if r["name"] == baseline:
+            continue
+        gain = r[f"{metric}_mean"] - base[f"{metric}_mean"]
+        spread = r[f"{metric}_std"] + base[f"{metric}_std"]
+        out[r["name"]] = (f"beats (+{gain:.1f})" if gain > spread else f"worse ({gain:.1f})" if -gain > spread
+                          else f"within noise ({gain:+.1f} vs spread {spread:.1f})")
+    return out
+
+
+def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher: dict[str, float] | None,
+                 seeds: list[int]) -> list[dict[str, Any]]:
+    cols = ["name"] + METRICS + ["s_per_step", "peak_mem_mb"]
+    lines = [f"# Benchmark {spec.name}", "", f"Student config: `{spec.student_config}`; seeds {seeds}; "
+             f"overrides {spec.overrides or 'none'}.", ""]
+    base = next((r for r in rows if r["name"] == spec.baseline), None)
+    if teacher is not None:
+        lines.append("Teacher: " + ", ".join(f"{m} {teacher.get(m, math.nan):.1f}" for m in METRICS if teacher.get(m) is not None))
+        if base is not None:
+            ok = teacher["AP"] > base["AP_mean"] + base["AP_std"]
+            lines.append(f"Teacher AP {teacher['AP']:.1f} vs student alone {base['AP_mean']:.1f} ± {base['AP_std']:.1f}: "
+                         + ("the teacher is better, KD comparisons are meaningful." if ok else
+                            "WARNING: the teacher does NOT beat the student alone; KD results below are not meaningful."))
+        lines.append("")
+    lines.append(markdown_table(rows, cols))
+    if base is not None:
+        lines += ["", "Verdict on AP (a method beats the baseline only when its gain exceeds the sum of the seed stds):", ""]
+        lines += [f"- {name}: {v}" for name, v in verdicts(rows, spec.baseline).items()]
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "teacher": teacher, "seeds": seeds}, indent=2, default=str))
+    plot_bars(rows, ["AP", "AP50", "AP75", "APs", "APm"], out / "bars.png", f"{spec.name}: mean ± std over {len(seeds)} seeds")
+    print(format_metrics_table(rows, cols, title=f"{spec.name} (mean ± std over seeds {seeds})"))
+    print(text.split("\n\n", 1)[0])
+    print(f"report: {out / 'results.md'}, plot: {out / 'bars.png'}")
+    return rows
