@@ -253,8 +253,15 @@ class TorchvisionAdapter:
                 "num_classes": num_classes, "score_thresh": cfg.score_thresh, "nms_thresh": cfg.nms_thresh,
                 "detections_per_img": cfg.detections_per_img}
         (out_dir / "model.json").write_text(json.dumps(spec, indent=2))
-        if cfg.arch in ("fcos", "retinanet", "fasterrcnn"):
-            (out_dir / "load_model.py").write_text(_STANDALONE_LOADER)
+        (out_dir / "load_model.py").write_text(_STANDALONE_LOADER)
+        if cfg.arch == "yolo_pafpn":
+            # The PAFPN neck is detdistill's own module; it depends on torch/torchvision only,
+            # so its source travels with the weights and the loader needs no detdistill.
+            import inspect
+
+            from ..models import pafpn
+
+            (out_dir / "pafpn.py").write_text(inspect.getsource(pafpn))
         return weights
 
 
@@ -314,6 +321,14 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 
 def build(spec):
+    if spec["arch"] == "yolo_pafpn":  # ResNet + PAFPN neck (pafpn.py, shipped beside this file) + FCOS head
+        import sys
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from pafpn import build_yolo_pafpn_fcos
+        return build_yolo_pafpn_fcos(spec["backbone"], spec["num_classes"], neck_channels=spec["fpn_channels"],
+                                     head_convs=spec["head_convs"], score_thresh=spec["score_thresh"],
+                                     nms_thresh=spec["nms_thresh"], detections_per_img=spec["detections_per_img"],
+                                     min_size=800, max_size=1333)
     norm = {"bn": torch.nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d}.get(spec["norm"], lambda c: torch.nn.GroupNorm(32, c))
     body = getattr(torchvision.models, spec["backbone"])(weights=None, norm_layer=norm)
     chans = [256, 512, 1024, 2048] if spec["backbone"] == "resnet50" else [64, 128, 256, 512]

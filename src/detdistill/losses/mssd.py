@@ -84,6 +84,9 @@ class MSSDLoss(nn.Module):
             the paper's per-scale coefficients are for the distillation losses).
         use_mask_weighting: weight the self-distillation term by the Gaussian mask.
         size_thresholds, sigma_mode, strides: forwarded to :func:`gaussian_masks`.
+            ``sigma_mode`` defaults to ``"box_fraction"`` (σ = w/6, h/6: the Gaussian spans the
+            whole box, the reading of "encode each box region"); ``"centernet"`` gives masks
+            of one or two cells for small objects.
     """
 
     def __init__(
@@ -94,7 +97,7 @@ class MSSDLoss(nn.Module):
         mask_weight: float = 1.0,
         use_mask_weighting: bool = True,
         size_thresholds: Sequence[float] = (32.0, 96.0),
-        sigma_mode: SigmaMode = "centernet",
+        sigma_mode: SigmaMode = "box_fraction",
         strides: Sequence[int] = (8, 16, 32),
     ) -> None:
         super().__init__()
