@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..adapters.base import DetectorAdapter, unwrap
 from ..config import DistillTermConfig
-from ..structures import Batch
+from ..structures import Batch, TapInfo
 from .connectors import Connector
 from .methods import METHODS, MethodSpec
 from .taps import FeatureTaps, resolve_taps
@@ -31,6 +31,31 @@ class Teacher:
     adapter: DetectorAdapter
     input_scale: float = 1.0
     class_names: list[str] | None = None
+
+
+@torch.no_grad()
+def _size_raw_taps(model: nn.Module, adapter: DetectorAdapter, infos: dict[str, TapInfo], size: int = 256) -> dict[str, TapInfo]:
+    """Fill in channels/stride of raw module-path taps (resolved with 0, 0) from one dry
+    ``forward_features`` pass in eval mode; taps that pass does not reach stay unknown."""
+    unknown = {k: v for k, v in infos.items() if v.channels == 0}
+    if not unknown:
+        return infos
+    bare = unwrap(model)
+    param = next(bare.parameters(), None)
+    was_training = bare.training
+    bare.eval()
+    out = dict(infos)
+    try:
+        with FeatureTaps(bare, unknown) as taps:
+            adapter.forward_features(bare, [torch.zeros(3, size, size, device=param.device if param is not None else None)],
+                                     need_head=False)
+            for name, info in unknown.items():
+                rec = taps.records[name][-1] if taps.records[name] else None
+                if isinstance(rec, Tensor) and rec.dim() == 4:
+                    out[name] = TapInfo(info.name, info.module, info.key, rec.shape[1], size // rec.shape[-1])
+    finally:
+        bare.train(was_training)
+    return out
 
 
 class Distiller(nn.Module):
@@ -72,8 +97,10 @@ class Distiller(nn.Module):
             for s, tt in t.pairs:
                 s_names.append(s)
                 (s_names if spec.kind == "self" else t_names).append(tt)
-        self.s_info = resolve_taps(student, s_avail, sorted(set(s_names)), role="student")
-        self.t_info = resolve_taps(teacher.model, t_avail, sorted(set(t_names)), role="teacher") if teacher else {}
+        self.s_info = _size_raw_taps(student, student_adapter,
+                                     resolve_taps(student, s_avail, sorted(set(s_names)), role="student"))
+        self.t_info = _size_raw_taps(teacher.model, teacher.adapter,
+                                     resolve_taps(teacher.model, t_avail, sorted(set(t_names)), role="teacher")) if teacher else {}
         self.need_teacher_head = any(s.kind == "logit" for s in self.specs.values())
         self.need_student_raw = self.need_teacher_head
         if self.need_teacher_head and teacher is not None and teacher.class_names is not None:
@@ -130,6 +157,10 @@ class Distiller(nn.Module):
     def forward(self, student: nn.Module, batch: Batch, step: int) -> dict[str, Tensor]:
         """Loss terms for one batch: the task terms, then ``kd/<name>`` (already weighted)."""
         s_taps, t_taps = self._ensure_taps(student)
+        for taps in (s_taps, t_taps):
+            if taps is not None:  # record only during this step, never in eval forwards between steps
+                taps.clear()
+                taps.enabled = True
         try:
             losses, s_raw = self.student_adapter.forward_train(student, batch, need_raw=self.need_student_raw)
             t_raw = None
@@ -167,6 +198,7 @@ class Distiller(nn.Module):
                 losses[f"kd/{term.label}"] = self.weight(term, step) * value
             return losses
         finally:
-            s_taps.clear()
-            if t_taps is not None:
-                t_taps.clear()
+            for taps in (s_taps, t_taps):
+                if taps is not None:
+                    taps.clear()
+                    taps.enabled = False

@@ -50,12 +50,15 @@ class FeatureTaps:
     forward goes through DistributedDataParallel or not. ``records[name]`` holds one entry
     per call of the module (heads call their conv towers once per level). Use as a
     context manager, or call :meth:`remove`; :meth:`clear` drops tensors between steps.
+    While ``enabled`` is False the hooks record nothing (the Distiller keeps its hooks
+    attached between steps, and evaluation forwards of the student must not pile up).
     """
 
     def __init__(self, model: nn.Module, taps: dict[str, TapInfo]) -> None:
         self.taps = taps
         self.records: dict[str, list[Tensor]] = {name: [] for name in taps}
         self._handles: list[Any] = []
+        self.enabled = True
         bare = unwrap(model)
         by_module: dict[str, list[TapInfo]] = {}
         for info in taps.values():
@@ -65,6 +68,8 @@ class FeatureTaps:
 
     def _make_hook(self, infos: list[TapInfo]) -> Any:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if not self.enabled:
+                return
             for info in infos:
                 value = output if info.key is None else output[info.key]
                 self.records[info.name].append(value)
