@@ -123,8 +123,11 @@ def _build_arch(cfg: ModelConfig, num_classes: int) -> nn.Module:
             min_size=800, max_size=1333, box_score_thresh=cfg.score_thresh, box_nms_thresh=cfg.nms_thresh,
         )
     elif cfg.arch == "yolo_pafpn":
-        sizes = cfg.anchor_sizes or [8, 16, 32]
-        model = build_yolo_pafpn_fcos(cfg.backbone, num_classes, neck_channels=w, head_convs=cfg.head_convs,
+        if cfg.anchor_sizes is not None:
+            raise ValueError("model.anchor_sizes: yolo_pafpn uses one stride-sized point per location (8/16/32); remove it")
+        if cfg.norm not in ("bn", "gn"):
+            raise ValueError(f"model.norm={cfg.norm!r}: yolo_pafpn supports 'bn' or 'gn'")
+        model = build_yolo_pafpn_fcos(cfg.backbone, num_classes, neck_channels=w, head_convs=cfg.head_convs, norm=cfg.norm,
                                       detections_per_img=cfg.detections_per_img, **_common_kwargs(cfg))
     else:
         raise ValueError(f"model.arch {cfg.arch!r} is not a torchvision detector; choose one of {', '.join(_ARCHS)}")

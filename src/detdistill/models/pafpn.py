@@ -210,12 +210,13 @@ def build_yolo_pafpn_fcos(
     """A torchvision ``FCOS`` on a randomly initialised ResNet + :class:`PAFPN` (3 levels).
 
     Args:
-        backbone: ``'resnet18'``, ``'resnet34'`` or ``'resnet50'`` (``weights=None``, trainable BatchNorm).
+        backbone: ``'resnet18'``, ``'resnet34'`` or ``'resnet50'`` (``weights=None``; trainable BatchNorm, or
+            GroupNorm(32) with ``norm='gn'``).
         num_classes: number of foreground classes as the FCOS head sees them.
         neck_channels: PAFPN width; must be a multiple of 32 (FCOSHead uses ``GroupNorm(32, C)``).
         head_convs: conv depth of each FCOS head branch.
         num_blocks: bottlenecks per C3 block in the neck.
-        norm: neck normalisation, ``'bn'`` or ``'gn'``.
+        norm: normalisation of the ResNet body and the neck, ``'bn'`` or ``'gn'``.
         **kwargs: passed to ``FCOS`` (e.g. ``min_size``, ``max_size``, ``score_thresh``,
             ``image_mean``/``image_std``), so the caller controls the internal resize.
 
@@ -231,7 +232,8 @@ def build_yolo_pafpn_fcos(
         raise ValueError(f"unknown backbone {backbone!r}; valid: {sorted(_RESNET_CHANNELS)}")
     if neck_channels % 32:
         raise ValueError(f"neck_channels must be a multiple of 32 (FCOSHead GroupNorm), got {neck_channels}")
-    resnet = getattr(torchvision.models, backbone)(weights=None, norm_layer=nn.BatchNorm2d)
+    body_norm = nn.BatchNorm2d if norm == "bn" else (lambda c: nn.GroupNorm(32, c))
+    resnet = getattr(torchvision.models, backbone)(weights=None, norm_layer=body_norm)
     body = IntermediateLayerGetter(resnet, return_layers={"layer2": "0", "layer3": "1", "layer4": "2"})
     bb = BackboneWithPAFPN(body, _RESNET_CHANNELS[backbone], neck_channels, num_blocks=num_blocks, norm=norm)
     # FCOS: one stride-sized "anchor" per location, used only to get point centres and strides.
