@@ -106,38 +106,54 @@ def _teacher_metrics(spec: BenchSpec, out: Path) -> dict[str, float] | None:
     return None
 
 
+def _collect(run_dir: Path) -> dict[str, float] | None:
+    final = run_dir / "final_metrics.json"
+    if not final.is_file():
+        return None
+    metrics = {m: (v if v is not None else math.nan) for m, v in json.loads(final.read_text()).items()}
+    summary_path = run_dir / "run_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    metrics["s_per_step"] = summary.get("sec_per_step", math.nan)
+    metrics["peak_mem_mb"] = summary.get("peak_mem_mb", math.nan)
+    return metrics
+
+
 def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] | None = None,
-              progress: bool = True) -> list[dict[str, Any]]:
-    """Run (or continue) every method x seed, then write ``results.md``, ``results.json``, ``bars.png``."""
+              methods: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or continue) the selected methods x seeds, then report on every finished run.
+
+    ``methods``/``seeds`` select a subset to run now (several benches can share the work
+    this way); the report always aggregates all runs of the spec that have finished, and
+    its ``n`` column says over how many seeds each row is.
+    """
     spec = load_spec(spec_path)
-    seeds = seeds or spec.seeds
+    run_seeds = seeds or spec.seeds
+    known = [m.name for m in spec.methods]
+    unknown = sorted(set(methods or []) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown bench methods {unknown}; the spec has: {', '.join(known)}")
+    todo = [m for m in spec.methods if not methods or m.name in methods]
     out = out_dir or Path(spec.output_dir.format(name=spec.name))
     out.mkdir(parents=True, exist_ok=True)
-    per_method: dict[str, list[dict[str, float]]] = {}
-    total = len(spec.methods) * len(seeds)
-    k = 0
+    total = len(todo) * len(run_seeds)
+    for k, (method, seed) in enumerate(((m, s) for m in todo for s in run_seeds), start=1):
+        run_dir = out / method.name / f"seed{seed}"
+        if _collect(run_dir) is not None:
+            print(f"[{k}/{total}] {method.name} seed {seed}: done already, skipping", flush=True)
+            continue
+        cfg_path = _run_config(spec, method, seed, run_dir)
+        print(f"[{k}/{total}] {method.name} seed {seed}: training in {run_dir}", flush=True)
+        cmd = [sys.executable, "-m", "detdistill.cli", "train", str(cfg_path)] + ([] if progress else ["--quiet"])
+        with open(run_dir / "train.log", "a") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if rc != 0 or _collect(run_dir) is None:
+            raise RuntimeError(f"run {method.name} seed {seed} failed (exit {rc}); see {run_dir / 'train.log'}")
+    rows = []
     for method in spec.methods:
-        for seed in seeds:
-            k += 1
-            run_dir = out / method.name / f"seed{seed}"
-            final = run_dir / "final_metrics.json"
-            if not final.is_file():
-                cfg_path = _run_config(spec, method, seed, run_dir)
-                print(f"[{k}/{total}] {method.name} seed {seed}: training in {run_dir}", flush=True)
-                cmd = [sys.executable, "-m", "detdistill.cli", "train", str(cfg_path)] + ([] if progress else ["--quiet"])
-                with open(run_dir / "train.log", "a") as log:
-                    rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-                if rc != 0 or not final.is_file():
-                    raise RuntimeError(f"run {method.name} seed {seed} failed (exit {rc}); see {run_dir / 'train.log'}")
-            else:
-                print(f"[{k}/{total}] {method.name} seed {seed}: done already, skipping", flush=True)
-            metrics = {m: (v if v is not None else math.nan) for m, v in json.loads(final.read_text()).items()}
-            summary = json.loads((run_dir / "run_summary.json").read_text()) if (run_dir / "run_summary.json").is_file() else {}
-            metrics["s_per_step"] = summary.get("sec_per_step", math.nan)
-            metrics["peak_mem_mb"] = summary.get("peak_mem_mb", math.nan)
-            per_method.setdefault(method.name, []).append(metrics)
-    rows = [{"name": name, **aggregate_seeds(runs)} for name, runs in per_method.items()]
-    return write_report(spec, out, rows, _teacher_metrics(spec, out), seeds)
+        runs = [m for s in sorted(set(spec.seeds) | set(run_seeds)) if (m := _collect(out / method.name / f"seed{s}"))]
+        if runs:
+            rows.append({"name": method.name, "n": len(runs), **aggregate_seeds(runs)})
+    return write_report(spec, out, rows, _teacher_metrics(spec, out), sorted(set(spec.seeds) | set(run_seeds)))
 
 
 def verdicts(rows: list[dict[str, Any]], baseline: str, metric: str = "AP") -> dict[str, str]:
@@ -156,7 +172,7 @@ def verdicts(rows: list[dict[str, Any]], baseline: str, metric: str = "AP") -> d
 
 def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher: dict[str, float] | None,
                  seeds: list[int]) -> list[dict[str, Any]]:
-    cols = ["name"] + METRICS + ["s_per_step", "peak_mem_mb"]
+    cols = ["name", "n"] + METRICS + ["s_per_step", "peak_mem_mb"]
     lines = [f"# Benchmark {spec.name}", "", f"Student config: `{spec.student_config}`; seeds {seeds}; "
              f"overrides {spec.overrides or 'none'}.", ""]
     base = next((r for r in rows if r["name"] == spec.baseline), None)
@@ -171,7 +187,8 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
     lines.append(markdown_table(rows, cols))
     if base is not None:
         lines += ["", "Verdict on AP (a method beats the baseline only when its gain exceeds the sum of the seed stds):", ""]
-        lines += [f"- {name}: {v}" for name, v in verdicts(rows, spec.baseline).items()]
+        lines += [f"- {name}: {v}" + (" (fewer than 3 seeds: no claim)" if next(r for r in rows if r["name"] == name)["n"] < 3
+                  or base["n"] < 3 else "") for name, v in verdicts(rows, spec.baseline).items()]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"rows": rows, "teacher": teacher, "seeds": seeds}, indent=2, default=str))

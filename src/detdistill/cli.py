@@ -112,7 +112,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    run_bench(Path(args.spec), out_dir=Path(args.out) if args.out else None, seeds=args.seeds, progress=not args.quiet)
+    run_bench(Path(args.spec), out_dir=Path(args.out) if args.out else None, seeds=args.seeds, methods=args.methods,
+              progress=not args.quiet)
     return 0
 
 
@@ -162,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="student alone vs each KD method over seeds; table + bar plot")
     b.add_argument("spec", help="benchmark YAML (see configs/bench_aerial.yaml)")
     b.add_argument("--out")
-    b.add_argument("--seeds", type=int, nargs="+")
+    b.add_argument("--seeds", type=int, nargs="+", help="run only these seeds now (default: the spec's)")
+    b.add_argument("--methods", nargs="+", help="run only these methods now (the report covers all finished runs)")
     b.add_argument("--quiet", action="store_true")
     return p
 
