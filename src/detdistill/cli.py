@@ -80,6 +80,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from .distill.methods import METHODS
 
     get_adapter("torchvision")
+    try:  # optional extra: list it when installed
+        get_adapter("ultralytics")
+    except (ImportError, KeyError):
+        pass
     if args.model:
         cfg = ModelConfig(framework=args.framework, arch=args.model, backbone=args.backbone, fpn_channels=args.fpn_channels)
         adapter = get_adapter(args.framework)

@@ -111,11 +111,15 @@ class Distiller(nn.Module):
         for t in terms:
             spec = self.specs[t.label]
             if spec.kind == "self":
-                chans = {self.s_info[a].channels for a, _ in t.pairs} | {self.s_info[b].channels for _, b in t.pairs}
-                if len(chans) != 1 or 0 in chans:
-                    raise ValueError(f"term {t.label!r}: MSSD pairs need equal, known channels, got {sorted(chans)}")
+                # Each FPN map must match its PAN map; scales may differ in width (YOLO necks double it).
+                chans = []
+                for a, b in t.pairs:
+                    ca, cb = self.s_info[a].channels, self.s_info[b].channels
+                    if ca != cb or ca == 0:
+                        raise ValueError(f"term {t.label!r}: MSSD pair [{a}, {b}] needs equal, known channels, got {ca} and {cb}")
+                    chans.append(ca)
                 strides = [self.s_info[b].stride for _, b in t.pairs]
-                self.losses[t.label] = spec.build(t.params, channels=chans.pop(), num_scales=len(t.pairs), strides=tuple(strides))
+                self.losses[t.label] = spec.build(t.params, channels=chans, num_scales=len(t.pairs), strides=tuple(strides))
                 continue
             self.losses[t.label] = spec.build(t.params)
             for s, tt in t.pairs:

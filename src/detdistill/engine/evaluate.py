@@ -33,8 +33,7 @@ def predict_image(model: nn.Module, adapter: DetectorAdapter, image: Tensor, cfg
         chunk = windows[i:i + tile_batch]
         dets = adapter.predict(model, [image[:, y0:y1, x0:x1] for x0, y0, x1, y1 in chunk])
         per_tile += [(d.boxes, d.scores, d.labels, (x0, y0)) for d, (x0, y0, _, _) in zip(dets, chunk)]
-    boxes, scores, labels = merge_tile_detections(per_tile, iou=nms_thresh, max_dets=cfg.max_dets)
-    return Detections(boxes, scores, labels)
+    return merge_tile_detections(per_tile, iou=nms_thresh, max_dets=cfg.max_dets)
 
 
 @torch.no_grad()
