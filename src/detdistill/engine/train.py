@@ -241,8 +241,10 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
     val_ds = EvalDataset(val_set, EvalTransform())
     sampler = StepBatchSampler(len(train_set), cfg.train.batch_size, cfg.seed, start_step=start,
                                world_size=info.world_size, rank=info.rank)
+    # Own generator: iter(loader) draws a base seed, which must not advance the global torch RNG
+    # (restored on resume; Faster R-CNN's box sampling draws from it), or resume is not exact.
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=d.workers, collate_fn=collate,
-                        persistent_workers=d.workers > 0)
+                        persistent_workers=d.workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
 
     def run_eval(step: int) -> EvalResult:
         result = evaluate(unwrap(model), adapter, val_ds, cfg.eval, device, info=info, progress=progress,

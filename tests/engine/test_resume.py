@@ -1,0 +1,158 @@
+"""Checkpoints: exact resume, atomic writes, no unpickling of code, NaN stop with a good last.pt."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from detdistill.adapters.base import get_adapter
+from detdistill.engine import checkpoint as ckpt_mod
+from detdistill.engine.checkpoint import load_checkpoint, save_checkpoint
+from detdistill.engine.train import NonFiniteLossError, train
+from detdistill.report.metrics_log import read_metrics
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+STEPS = 6
+VOLATILE = {"time", "sec_per_step"}  # wall-clock values differ between any two runs
+
+
+def _assert_same_tree(a, b, where: str = "") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where}: max abs diff {(a.double() - b.double()).abs().max().item():.3g}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, set(a) ^ set(b)))}"
+        for k in a:
+            _assert_same_tree(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), f"{where}: {a!r} != {b!r}"
+
+
+def _train_records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: {k: v for k, v in r.items() if k not in VOLATILE}
+            for r in read_metrics(run_dir) if r["split"] == "train"}
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_config):
+    """Run A: 6 steps straight. Run B: stopped after 3 steps (checkpoint written), then resumed
+    to 6. Everything a checkpoint holds must be bitwise identical, and so must the logged
+    losses of steps 4-6: data order and augmentation are functions of (seed, step), the RNGs
+    are restored, and CPU kernels are deterministic for a fixed thread count.
+
+    The final global RNG state is compared too: FCOS draws no random numbers while training,
+    but Faster R-CNN's proposal sampling does, so a resumed run whose global torch RNG is off
+    by even one draw (e.g. the DataLoader drawing its base seed from it after the restore)
+    silently diverges for those models.
+    """
+    cfg_a = tiny_config(root=tmp_path / "A", train__steps=STEPS)
+    cfg_b = tiny_config(root=tmp_path / "B", train__steps=STEPS)
+
+    ra = train(cfg_a, resume=False, progress=False, log=lambda _m: None)
+    part = train(cfg_b, resume=True, progress=False, stop_after=3, log=lambda _m: None)
+    assert part.steps == 3 and part.final is None
+    assert load_checkpoint(cfg_b.run_dir / "checkpoints" / "last.pt")["step"] == 3
+    assert not (cfg_b.run_dir / "final_metrics.json").exists()
+    messages: list[str] = []
+    rb = train(cfg_b, resume=True, progress=False, log=messages.append)
+    assert any("resumed from" in m and "step 3" in m for m in messages), messages
+    assert ra.steps == rb.steps == STEPS
+
+    a = load_checkpoint(cfg_a.run_dir / "checkpoints" / "last.pt")
+    b = load_checkpoint(cfg_b.run_dir / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == STEPS
+    _assert_same_tree(a["model"], b["model"], "model")
+    _assert_same_tree(a["optimizer"], b["optimizer"], "optimizer")
+    _assert_same_tree(a["scheduler"], b["scheduler"], "scheduler")
+    _assert_same_tree(a["rng"], b["rng"], "rng")
+    # momentum buffers exist, so the optimizer comparison was not vacuous
+    assert any("momentum_buffer" in s for s in a["optimizer"]["state"].values())
+
+    la, lb = _train_records(cfg_a.run_dir), _train_records(cfg_b.run_dir)
+    assert sorted(la) == list(range(1, STEPS + 1)) and sorted(lb) == list(range(1, STEPS + 1))
+    for step in (4, 5, 6):
+        assert la[step] == lb[step], f"step {step}: {la[step]} vs {lb[step]}"
+    assert ra.final is not None and rb.final is not None
+    assert ra.final.as_dict() == pytest.approx(rb.final.as_dict(), nan_ok=True)
+
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt" / "last.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.arange(4.0)})
+    save_checkpoint(path, {"step": 2, "w": torch.arange(8.0)})  # over an existing file
+    assert load_checkpoint(path)["step"] == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temporary left
+
+    def broken_save(obj, f, *args, **kwargs):  # writes half a file, then the "disk" fails
+        f.write(b"PK\x03\x04 partial checkpoint bytes")
+        raise OSError("simulated crash mid-write")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_checkpoint(path, {"step": 3, "w": torch.zeros(2)})
+    monkeypatch.undo()
+    old = load_checkpoint(path)
+    assert old["step"] == 2 and torch.equal(old["w"], torch.arange(8.0))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+
+
+class _Payload:
+    """Unpickling this runs ``Path.touch(marker)``: code execution on load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_load_checkpoint_refuses_pickled_objects(tmp_path):
+    marker = tmp_path / "code_ran"
+    bad = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": _Payload(marker)}, bad)
+    with pytest.raises(ValueError, match="evil.pt"):
+        load_checkpoint(bad)
+    assert not marker.exists(), "load_checkpoint executed pickled code"
+    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload does run when unpickled unsafely
+    assert marker.exists()
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_nan_loss_stops_with_step_and_term_and_keeps_last_good_checkpoint(tmp_path, tiny_config, monkeypatch):
+    cfg = tiny_config(train__steps=5, train__ckpt_every=1)
+    adapter = get_adapter(cfg.model.framework)
+    real = adapter.forward_train
+    calls = {"n": 0}
+
+    def forward_train(model, batch, *, need_raw=False):
+        losses, raw = real(model, batch, need_raw=need_raw)
+        step = calls["n"]  # one call per step, from step 0
+        calls["n"] += 1
+        if step == 2:
+            losses["bbox_regression"] = losses["bbox_regression"] * float("nan")
+        return losses, raw
+
+    monkeypatch.setattr(adapter, "forward_train", forward_train)
+    last = cfg.run_dir / "checkpoints" / "last.pt"
+    with pytest.raises(NonFiniteLossError) as info:
+        train(cfg, resume=False, progress=False, log=lambda _m: None)
+    msg = str(info.value)
+    assert "step 2" in msg and "bbox_regression" in msg, msg
+    assert "classification" not in msg.split("Last good")[0], msg  # only the bad term is named
+    assert str(last) in msg
+    state = load_checkpoint(last)
+    assert state["step"] == 2  # written after steps 0 and 1; step 2 never touched the weights
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not list(last.parent.glob("*.tmp"))
+    assert not (cfg.run_dir / "final_metrics.json").exists()
