@@ -319,6 +319,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
@@ -329,7 +330,7 @@ def build(spec):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from pafpn import build_yolo_pafpn_fcos
         return build_yolo_pafpn_fcos(spec["backbone"], spec["num_classes"], neck_channels=spec["fpn_channels"],
-                                     head_convs=spec["head_convs"], score_thresh=spec["score_thresh"],
+                                     head_convs=spec["head_convs"], norm=spec.get("norm", "bn"), score_thresh=spec["score_thresh"],
                                      nms_thresh=spec["nms_thresh"], detections_per_img=spec["detections_per_img"],
                                      min_size=800, max_size=1333)
     norm = {"bn": torch.nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d}.get(spec["norm"], lambda c: torch.nn.GroupNorm(32, c))
@@ -339,9 +340,7 @@ def build(spec):
     layers = [1, 2, 3, 4] if arch == "fasterrcnn" else [2, 3, 4]
     extra = LastLevelMaxPool() if arch == "fasterrcnn" else LastLevelP6P7(w, w)
     backbone = BackboneWithFPN(body, {f"layer{k}": str(i) for i, k in enumerate(layers)}, [chans[k - 1] for k in layers], w, extra)
-    # The model was trained at native resolution: feed images at their original scale and
-    # keep min_size/max_size large enough that torchvision's transform does not shrink them.
-    common = dict(min_size=800, max_size=1333)
+    common = dict(min_size=800, max_size=1333)  # unused: load() installs a no-resize transform
     if arch == "fcos":
         sizes = spec["anchor_sizes"] or [8, 16, 32, 64, 128]
         return FCOS(backbone, n, anchor_generator=AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(sizes)),
@@ -358,10 +357,19 @@ def build(spec):
                       box_detections_per_img=spec["detections_per_img"], **common)  # label 0 = background
 
 
+class NativeResolution(GeneralizedRCNNTransform):
+    """The model was trained at native resolution: normalise and pad, but never resize."""
+
+    def resize(self, image, target=None):
+        return image, target
+
+
 def load(folder="."):
     folder = Path(folder)
     model = build(json.loads((folder / "model.json").read_text()))
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    t = model.transform  # same normalisation and padding as in training, without torchvision's resize
+    model.transform = NativeResolution(t.min_size, t.max_size, t.image_mean, t.image_std)
     return model.eval()
 
 
