@@ -9,8 +9,9 @@ talk to models only through a :class:`DetectorAdapter`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from ..registry import Registry
@@ -90,3 +91,33 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
+
+
+@torch.no_grad()
+def probe_tap_shapes(adapter: DetectorAdapter, model: nn.Module, taps: dict[str, tuple[str, str | int | None]],
+                     size: int = 256) -> dict[str, tuple[int, int]]:
+    """``{name: (channels, stride)}`` of each ``(module path, output key)`` from one dry forward.
+
+    Runs ``adapter.forward_features`` (no head) on a blank ``size``x``size`` image in eval
+    mode; a tap that pass does not reach, or whose output is not an ``(N, C, H, W)`` map,
+    gets ``(0, 0)``. Every adapter and the Distiller size their taps with this one probe.
+    """
+    bare = unwrap(model)
+    found: dict[str, tuple[int, int]] = {}
+    handles = []
+    for name, (module, key) in taps.items():
+        def hook(_m: nn.Module, _i: Any, out: Any, name: str = name, key: str | int | None = key) -> None:
+            t = out[key] if key is not None else out
+            found[name] = (int(t.shape[1]), size // int(t.shape[-1])) if isinstance(t, Tensor) and t.dim() == 4 else (0, 0)
+        handles.append(bare.get_submodule(module).register_forward_hook(hook))
+    was_training = bare.training
+    bare.eval()
+    try:
+        param = next(bare.parameters(), None)
+        adapter.forward_features(bare, [torch.zeros(3, size, size, device=param.device if param is not None else None)],
+                                 need_head=False)
+    finally:
+        bare.train(was_training)
+        for h in handles:
+            h.remove()
+    return {name: found.get(name, (0, 0)) for name in taps}

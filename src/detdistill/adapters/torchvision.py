@@ -36,7 +36,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from ..config import ModelConfig
 from ..models.pafpn import build_yolo_pafpn_fcos
 from ..structures import Batch, Detections, RawOutputs, TapInfo
-from .base import ADAPTERS, unwrap
+from .base import ADAPTERS, probe_tap_shapes, unwrap
 from .weights import load_weights
 
 _BACKBONES = ("resnet18", "resnet34", "resnet50")
@@ -188,12 +188,8 @@ class TorchvisionAdapter:
         for k in range(1, 5):
             if _has_module(model, f"{body}.layer{k}"):
                 names.append((f"backbone.layer{k}", f"{body}.layer{k}", None))
-        shapes = _probe_shapes(self, model, [(m, k) for _, m, k in names])
-        out: dict[str, TapInfo] = {}
-        for (tap, module, key), shape in zip(names, shapes):
-            c, stride = shape
-            out[tap] = TapInfo(tap, module, key, c, stride)
-        return out
+        shapes = probe_tap_shapes(self, model, {tap: (module, key) for tap, module, key in names})
+        return {tap: TapInfo(tap, module, key, *shapes[tap]) for tap, module, key in names}
 
     # ---- forward passes ---------------------------------------------------------
     def _targets(self, model: nn.Module, batch: Batch) -> list[dict[str, Tensor]]:
@@ -277,30 +273,6 @@ def _has_module(model: nn.Module, path: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-@torch.no_grad()
-def _probe_shapes(adapter: TorchvisionAdapter, model: nn.Module, taps: list[tuple[str, str | None]], size: int = 256) -> list[tuple[int, int]]:
-    """(channels, stride) of each (module, key) from one dry forward on a blank image."""
-    found: dict[tuple[str, str | None], tuple[int, int]] = {}
-    handles = []
-    for module, key in taps:
-        def hook(_m: nn.Module, _i: Any, out: Any, module: str = module, key: str | None = key) -> None:
-            t = out[key] if key is not None else out
-            if isinstance(t, Tensor) and t.dim() == 4:
-                found[(module, key)] = (t.shape[1], size // t.shape[-1])
-            else:
-                found[(module, key)] = (0, 0)
-        handles.append(model.get_submodule(module).register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        adapter.forward_features(model, [torch.zeros(3, size, size, device=next(model.parameters()).device)], need_head=False)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return [found.get(t, (0, 0)) for t in taps]
 
 
 # Written next to every exported torchvision student: loads it with torch + torchvision only.

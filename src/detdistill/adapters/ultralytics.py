@@ -96,7 +96,7 @@ _undo_import_patches()
 
 from ..config import ModelConfig  # noqa: E402
 from ..structures import Batch, Detections, RawOutputs, TapInfo  # noqa: E402
-from .base import ADAPTERS, unwrap  # noqa: E402
+from .base import ADAPTERS, probe_tap_shapes, unwrap  # noqa: E402
 from .weights import load_weights, read_state_dict  # noqa: E402
 
 __all__ = ["UltralyticsAdapter"]
@@ -538,26 +538,11 @@ def _fpn_lateral(model: nn.Module, idx: int, shapes: dict[int, tuple[int, int]])
     return None
 
 
-@torch.no_grad()
 def _probe(adapter: UltralyticsAdapter, model: nn.Module) -> dict[int, tuple[int, int]]:
     """(channels, stride) of every layer up to the neck, from one dry forward on a blank image."""
-    size = max(64, 2 * _max_stride(model))
-    found: dict[int, tuple[int, int]] = {}
-    handles = []
-    for m in model.model:
-        def hook(_m: nn.Module, _i: Any, out: Any, i: int = m.i) -> None:
-            if isinstance(out, Tensor) and out.dim() == 4:
-                found[i] = (int(out.shape[1]), size // int(out.shape[-1]))
-        handles.append(m.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        adapter.forward_features(model, [torch.zeros(3, size, size, device=next(model.parameters()).device)], need_head=False)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return found
+    shapes = probe_tap_shapes(adapter, model, {str(m.i): (f"model.{m.i}", None) for m in model.model},
+                              size=max(64, 2 * _max_stride(model)))
+    return {int(i): cs for i, cs in shapes.items() if cs != (0, 0)}
 
 
 # Written next to every exported student: loads it with torch + ultralytics only.

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters.base import DetectorAdapter, unwrap
+from ..adapters.base import DetectorAdapter, probe_tap_shapes, unwrap
 from ..config import DistillTermConfig
 from ..structures import Batch, TapInfo
 from .connectors import Connector
@@ -34,28 +34,14 @@ class Teacher:
 
 
 @torch.no_grad()
-def _size_raw_taps(model: nn.Module, adapter: DetectorAdapter, infos: dict[str, TapInfo], size: int = 256) -> dict[str, TapInfo]:
-    """Fill in channels/stride of raw module-path taps (resolved with 0, 0) from one dry
-    ``forward_features`` pass in eval mode; taps that pass does not reach stay unknown."""
-    unknown = {k: v for k, v in infos.items() if v.channels == 0}
+def _size_raw_taps(model: nn.Module, adapter: DetectorAdapter, infos: dict[str, TapInfo]) -> dict[str, TapInfo]:
+    """Fill in channels/stride of raw module-path taps (resolved with 0, 0) by one dry probe;
+    taps that the probe does not reach stay unknown."""
+    unknown = {k: (v.module, v.key) for k, v in infos.items() if v.channels == 0}
     if not unknown:
         return infos
-    bare = unwrap(model)
-    param = next(bare.parameters(), None)
-    was_training = bare.training
-    bare.eval()
-    out = dict(infos)
-    try:
-        with FeatureTaps(bare, unknown) as taps:
-            adapter.forward_features(bare, [torch.zeros(3, size, size, device=param.device if param is not None else None)],
-                                     need_head=False)
-            for name, info in unknown.items():
-                rec = taps.records[name][-1] if taps.records[name] else None
-                if isinstance(rec, Tensor) and rec.dim() == 4:
-                    out[name] = TapInfo(info.name, info.module, info.key, rec.shape[1], size // rec.shape[-1])
-    finally:
-        bare.train(was_training)
-    return out
+    shapes = probe_tap_shapes(adapter, model, unknown)
+    return {k: (TapInfo(v.name, v.module, v.key, *shapes[k]) if k in shapes else v) for k, v in infos.items()}
 
 
 class Distiller(nn.Module):
