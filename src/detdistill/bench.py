@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import ConfigError, DistillTermConfig, load_config
+from .config import ConfigError, DistillTermConfig, TeacherConfig, load_config
 from .report.plots import plot_bars
 from .report.tables import aggregate_seeds, format_metrics_table, markdown_table
 
@@ -56,6 +56,7 @@ class BenchSpec(BaseModel):
     overrides: list[str] = Field(default_factory=list)
     methods: list[BenchMethod]
     baseline: str = "alone"
+    primary_metric: str = "AP"  # the metric verdicts use, e.g. "AP/car" when rare classes make the class mean noisy
     output_dir: str = "bench_runs/{name}"
 
 
@@ -85,8 +86,8 @@ def _run_config(spec: BenchSpec, method: BenchMethod, seed: int, run_dir: Path) 
         if not spec.teacher_checkpoint and any(t.method != "mssd" for t in method.distill):
             raise ConfigError(f"method {method.name!r} needs `teacher_checkpoint` in the bench spec")
         if spec.teacher_checkpoint:
-            cfg = cfg.model_copy(update={"teacher": {"checkpoint": spec.teacher_checkpoint,
-                                                     "input_scale": spec.teacher_input_scale}})
+            cfg = cfg.model_copy(update={"teacher": TeacherConfig(checkpoint=spec.teacher_checkpoint,
+                                                                  input_scale=spec.teacher_input_scale)})
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "bench_config.yaml"
     path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
@@ -172,27 +173,30 @@ def verdicts(rows: list[dict[str, Any]], baseline: str, metric: str = "AP") -> d
 
 def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher: dict[str, float] | None,
                  seeds: list[int]) -> list[dict[str, Any]]:
-    cols = ["name", "n"] + METRICS + ["s_per_step", "peak_mem_mb"]
+    extra = [spec.primary_metric] if spec.primary_metric not in METRICS else []
+    cols = ["name", "n"] + METRICS + extra + ["s_per_step", "peak_mem_mb"]
     lines = [f"# Benchmark {spec.name}", "", f"Student config: `{spec.student_config}`; seeds {seeds}; "
              f"overrides {spec.overrides or 'none'}.", ""]
     base = next((r for r in rows if r["name"] == spec.baseline), None)
     if teacher is not None:
-        lines.append("Teacher: " + ", ".join(f"{m} {teacher.get(m, math.nan):.1f}" for m in METRICS if teacher.get(m) is not None))
+        pm = spec.primary_metric
+        lines.append("Teacher: " + ", ".join(f"{m} {teacher[m]:.1f}" for m in METRICS + extra if teacher.get(m) is not None))
         if base is not None:
-            ok = teacher["AP"] > base["AP_mean"] + base["AP_std"]
-            lines.append(f"Teacher AP {teacher['AP']:.1f} vs student alone {base['AP_mean']:.1f} ± {base['AP_std']:.1f}: "
+            ok = teacher[pm] > base[f"{pm}_mean"] + base[f"{pm}_std"]
+            lines.append(f"Teacher {pm} {teacher[pm]:.1f} vs student alone {base[f'{pm}_mean']:.1f} ± {base[f'{pm}_std']:.1f}: "
                          + ("the teacher is better, KD comparisons are meaningful." if ok else
                             "WARNING: the teacher does NOT beat the student alone; KD results below are not meaningful."))
         lines.append("")
     lines.append(markdown_table(rows, cols))
     if base is not None:
-        lines += ["", "Verdict on AP (a method beats the baseline only when its gain exceeds the sum of the seed stds):", ""]
+        lines += ["", f"Verdict on {spec.primary_metric} (a method beats the baseline only when its gain exceeds the sum "
+                  "of the seed stds):", ""]
         lines += [f"- {name}: {v}" + (" (fewer than 3 seeds: no claim)" if next(r for r in rows if r["name"] == name)["n"] < 3
-                  or base["n"] < 3 else "") for name, v in verdicts(rows, spec.baseline).items()]
+                  or base["n"] < 3 else "") for name, v in verdicts(rows, spec.baseline, spec.primary_metric).items()]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"rows": rows, "teacher": teacher, "seeds": seeds}, indent=2, default=str))
-    plot_bars(rows, ["AP", "AP50", "AP75", "APs", "APm"], out / "bars.png", f"{spec.name}: mean ± std over {len(seeds)} seeds")
+    plot_bars(rows, ["AP", "AP50", "AP75", "APs", "APm"] + extra, out / "bars.png", f"{spec.name}: mean ± std over {len(seeds)} seeds")
     print(format_metrics_table(rows, cols, title=f"{spec.name} (mean ± std over seeds {seeds})"))
     print(text.split("\n\n", 1)[0])
     print(f"report: {out / 'results.md'}, plot: {out / 'bars.png'}")
