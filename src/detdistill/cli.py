@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point. User errors (config, data, layer names, missing files) print one clear
+    message and exit 2; set ``DETDISTILL_DEBUG=1`` to see the traceback instead."""
+    import os
+
     args = build_parser().parse_args(argv)
     from .config import ConfigError
 
@@ -182,8 +186,14 @@ def main(argv: list[str] | None = None) -> int:
                 "bench": _cmd_bench}
     try:
         return handlers[args.command](args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
+        from .engine.train import NonFiniteLossError
+
+        user_errors = (ConfigError, FileNotFoundError, ValueError, KeyError, ImportError, NonFiniteLossError)
+        if os.environ.get("DETDISTILL_DEBUG") or not isinstance(err, user_errors):
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {msg}", file=sys.stderr)
         return 2
 
 

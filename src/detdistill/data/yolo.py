@@ -110,6 +110,9 @@ def _images_from(entry: Path, ref: str) -> list[_ImageRef]:
         return _images_in_dir(entry, ref)
     if entry.is_file():
         return _images_in_list(entry)
+    if not entry.exists():
+        raise AnnotationError(f"{ref}: not found: {entry} (expected an images folder or a list .txt)"
+                              if str(entry) != ref else f"not found: {entry} (expected an images folder or a list .txt)")
     raise AnnotationError(f"{ref}: {entry} is neither an image folder nor a list file")
 
 
