@@ -37,6 +37,10 @@ class ModelConfig(_Strict):
     head_convs: int = Field(4, ge=1)
     norm: Literal["bn", "gn", "frozen_bn"] = "bn"
     anchor_sizes: list[int] | None = None
+    # FCOS heads end in relu(bbox_reg(x)) with a zero bias: from scratch the whole regression
+    # branch can die (GIoU loss stuck at 1.0). A positive bias (1.0 = stride-sized boxes) keeps
+    # it alive. None keeps torchvision's init.
+    reg_bias_init: float | None = None
     weights: str | None = None
     score_thresh: float = Field(0.05, ge=0.0, le=1.0)
     nms_thresh: float = Field(0.6, gt=0.0, le=1.0)

@@ -32,7 +32,7 @@ def quickstart_config(name: str, out: Path, *, backbone: str, fpn: int, steps: i
         "name": name,
         "seed": 0,
         "output_dir": str(out / name),
-        "model": {"arch": "fcos", "backbone": backbone, "fpn_channels": fpn, "head_convs": 2},
+        "model": {"arch": "fcos", "backbone": backbone, "fpn_channels": fpn, "head_convs": 2, "reg_bias_init": 1.0},
         "data": {
             "train": {"format": "yolo", "path": str(root / "train.txt"), "classes": str(root / "classes.txt")},
             "val": {"format": "yolo", "path": str(root / "val.txt"), "classes": str(root / "classes.txt")},

@@ -258,3 +258,28 @@ def test_unknown_names_list_the_valid_ones():
         get_adapter("no_such_framework")
     with pytest.raises(ValueError, match="num_classes"):
         ADAPTER.build(_cfg("fcos"), 0)
+
+
+def test_reg_bias_init_sets_the_fcos_box_bias_and_is_refused_elsewhere():
+    from detdistill.config import ModelConfig
+
+    adapter = get_adapter("torchvision")
+    for arch in ("fcos", "yolo_pafpn"):
+        model = adapter.build(ModelConfig(arch=arch, fpn_channels=32, head_convs=1, reg_bias_init=1.0), 2)
+        assert torch.all(model.head.regression_head.bbox_reg.bias == 1.0)
+    default = adapter.build(ModelConfig(arch="fcos", fpn_channels=32, head_convs=1), 2)
+    assert torch.all(default.head.regression_head.bbox_reg.bias == 0.0)  # torchvision's own init
+    with pytest.raises(ValueError, match="reg_bias_init applies to FCOS"):
+        adapter.build(ModelConfig(arch="retinanet", fpn_channels=32, reg_bias_init=1.0), 2)
+
+
+def test_a_frozen_loss_term_is_reported(capsys):
+    from detdistill.engine.train import _warn_stuck_terms
+
+    history: dict = {}
+    warned: set = set()
+    lines: list[str] = []
+    for step in range(1, 7):
+        _warn_stuck_terms({"loss/bbox_regression": 1.0, "loss/classification": 1.0 / step}, history, warned, step * 10,
+                          lines.append)
+    assert len(lines) == 1 and "loss/bbox_regression" in lines[0] and "reg_bias_init" in lines[0]

@@ -131,6 +131,10 @@ def _build_arch(cfg: ModelConfig, num_classes: int) -> nn.Module:
                                       detections_per_img=cfg.detections_per_img, **_common_kwargs(cfg))
     else:
         raise ValueError(f"model.arch {cfg.arch!r} is not a torchvision detector; choose one of {', '.join(_ARCHS)}")
+    if cfg.reg_bias_init is not None:
+        if not isinstance(model, FCOS):
+            raise ValueError(f"model.reg_bias_init applies to FCOS heads (fcos, yolo_pafpn), not {cfg.arch}")
+        nn.init.constant_(model.head.regression_head.bbox_reg.bias, cfg.reg_bias_init)
     old = model.transform
     model.transform = NativeResolutionTransform(old.min_size, old.max_size, old.image_mean, old.image_std)
     return model

@@ -152,6 +152,25 @@ def train_one_step(model: nn.Module, adapter: DetectorAdapter, batch: Batch, ste
     return values
 
 
+def _warn_stuck_terms(means: dict[str, float], history: dict[str, list[float]], warned: set[str], step: int,
+                      say: Callable[[str], None], span: int = 5) -> None:
+    """Warn once when a loss term has not moved at all over ``span`` logging windows.
+
+    A term frozen to the last digit is a dead branch, not a plateau: e.g. FCOS's
+    ``relu(bbox_reg)`` collapsing to zero boxes pins ``bbox_regression`` at exactly 1.0.
+    """
+    for key, value in means.items():
+        if not key.startswith("loss/"):
+            continue
+        hist = history.setdefault(key, [])
+        hist.append(value)
+        del hist[:-span]
+        if len(hist) == span and max(hist) - min(hist) < 1e-7 and key not in warned:
+            warned.add(key)
+            say(f"warning: step {step}: {key} has not changed over the last {span} log windows ({value:.6f}); "
+                "a branch of the model may be dead (for FCOS box regression try model.reg_bias_init: 1.0)")
+
+
 def _checkpoint_state(cfg: Config, model: nn.Module, distiller: Distiller | None, optimizer: torch.optim.Optimizer,
                       scheduler: Any, scaler: Any, step: int, dset: DetectionSet) -> dict[str, Any]:
     return {
@@ -260,6 +279,8 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
 
     t0 = time.perf_counter()
     window: dict[str, list[float]] = {}
+    stuck_history: dict[str, list[float]] = {}
+    warned: set[str] = set()
     step_times: list[float] = []
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     bar = tqdm(total=cfg.train.steps, initial=start, desc=cfg.name, unit="step", disable=not (progress and info.is_main),
@@ -284,6 +305,7 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
                 means["sec_per_step"] = float(np.mean(step_times[-len(window["loss"]):]))
                 window.clear()
                 bar.set_postfix(loss=f"{means['loss']:.3f}")
+                _warn_stuck_terms(means, stuck_history, warned, done, say)
                 if logger is not None:
                     logger.log(done, "train", means)
             if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0 and done != end:
