@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true")
 
     b = sub.add_parser("bench", help="student alone vs each KD method over seeds; table + bar plot")
-    b.add_argument("spec", help="benchmark YAML (see configs/bench_aerial.yaml)")
+    b.add_argument("spec", help="benchmark YAML (see configs/bench_aerial_kd.yaml)")
     b.add_argument("--out")
     b.add_argument("--seeds", type=int, nargs="+", help="run only these seeds now (default: the spec's)")
     b.add_argument("--methods", nargs="+", help="run only these methods now (the report covers all finished runs)")
