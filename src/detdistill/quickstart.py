@@ -72,7 +72,7 @@ def run_quickstart(out: Path, *, steps: int | None = None, progress: bool = True
     rows.append({"name": "student + PKD", **(r.final.as_dict() if r.final else {}), "s/step": r.sec_per_step,
                  "minutes": (time.perf_counter() - t0) / 60})
     print()
-    print(format_metrics_table(rows, ["name", "AP", "AP50", "AP75", "APs", "APm", "s/step", "minutes"],
+    print(format_metrics_table(rows, ["name", "AP", "AP50", "AP75", "APs", "APm", "AP/car", "s/step", "minutes"],
                                title="quickstart: val AP on 4 held-out aerial images (one seed, short schedule)"))
     print(f"\nplots: {out}/*/loss_curves.png and ap_curves.png; student-only export: {out}/student_pkd/export/")
     print("a short single-seed run is noisy: use `detdistill bench` for method comparisons with seeds")

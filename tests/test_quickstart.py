@@ -1,0 +1,23 @@
+"""`detdistill quickstart` end to end on the embedded sample, at a smoke-test length."""
+
+from __future__ import annotations
+
+from detdistill.quickstart import run_quickstart, sample_dir
+
+
+def test_quickstart_trains_teacher_student_and_distilled_student(tmp_path, capsys, single_thread):
+    assert (sample_dir() / "ATTRIBUTION.md").is_file()  # the licence travels with the data
+    rows = run_quickstart(tmp_path, steps=2, progress=False)
+    assert [r["name"].split(" ")[0] for r in rows] == ["teacher", "student", "student"]
+    for row in rows:
+        assert 0.0 <= row["AP"] <= 100.0 and row["s/step"] > 0
+    out = capsys.readouterr().out
+    assert "student + PKD" in out and "AP/car" in out
+    # The distilled student really distilled, and its export holds no connector weights.
+    metrics = (tmp_path / "student_pkd" / "metrics.jsonl").read_text()
+    assert '"loss/kd/pkd"' in metrics
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "student_pkd" / "export" / "model.safetensors"))
+    plain = load_file(str(tmp_path / "student" / "export" / "model.safetensors"))
+    assert set(exported) == set(plain)  # same architecture as the student alone: no connectors
