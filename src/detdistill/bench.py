@@ -198,6 +198,6 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
     (out / "results.json").write_text(json.dumps({"rows": rows, "teacher": teacher, "seeds": seeds}, indent=2, default=str))
     plot_bars(rows, ["AP", "AP50", "AP75", "APs", "APm"] + extra, out / "bars.png", f"{spec.name}: mean ± std over {len(seeds)} seeds")
     print(format_metrics_table(rows, cols, title=f"{spec.name} (mean ± std over seeds {seeds})"))
-    print(text.split("\n\n", 1)[0])
+    print("\n".join(ln for ln in lines if ln.startswith(("Teacher", "WARNING", "Verdict", "- "))))
     print(f"report: {out / 'results.md'}, plot: {out / 'bars.png'}")
     return rows
