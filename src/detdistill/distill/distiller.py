@@ -89,8 +89,6 @@ class Distiller(nn.Module):
                                      resolve_taps(teacher.model, t_avail, sorted(set(t_names)), role="teacher")) if teacher else {}
         self.need_teacher_head = any(s.kind == "logit" for s in self.specs.values())
         self.need_student_raw = self.need_teacher_head
-        if self.need_teacher_head and teacher is not None and teacher.class_names is not None:
-            pass  # class agreement is checked by the caller, which knows the student's classes
 
         self.connectors = nn.ModuleDict()
         self.losses = nn.ModuleDict()
