@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from detdistill.losses import LOSSES, PKDLoss, pkd_loss
+from detdistill.losses import PKDLoss, pkd_loss
+from detdistill.distill.methods import METHODS
 
 
 def _pair(seed=0, shape=(2, 5, 6, 7)):
@@ -21,7 +22,7 @@ def _numpy_one_minus_r(s, t):
 
 
 def test_registry():
-    assert LOSSES.get("pkd") is PKDLoss
+    assert METHODS.get("pkd").loss is PKDLoss
 
 
 def test_equals_one_minus_mean_pearson():

@@ -4,13 +4,13 @@ import torch
 from skimage.metrics import structural_similarity
 
 from detdistill.losses import (
-    LOSSES,
     SSIMLoss,
     minmax_normalize,
     ssim_components,
     ssim_loss,
     ssim_map,
 )
+from detdistill.distill.methods import METHODS
 
 C1, C2 = 0.01**2, 0.03**2
 
@@ -52,7 +52,7 @@ def _brute_force(x, y, wh, ww, sigma=1.5):
 
 
 def test_registry():
-    assert LOSSES.get("ssim") is SSIMLoss
+    assert METHODS.get("ssim").loss is SSIMLoss
 
 
 @pytest.mark.parametrize("seed", [0, 1])

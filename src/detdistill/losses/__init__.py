@@ -1,10 +1,10 @@
-"""Distillation losses. Importing this package registers every loss in :data:`LOSSES`.
+"""Distillation losses: pure tensor functions and thin modules.
 
-Registry names: ``'l2'`` (:class:`L2FeatureLoss`), ``'l1'`` (:class:`L1FeatureLoss`),
+They are registered as methods (with their kind and default weight) in
+:data:`detdistill.distill.methods.METHODS` under the names ``'l2'`` (:class:`L2FeatureLoss`), ``'l1'`` (:class:`L1FeatureLoss`),
 ``'pkd'`` (:class:`PKDLoss`), ``'ssim'`` (:class:`SSIMLoss`), ``'kl'`` (:class:`KLLogitLoss`).
 """
 
-from detdistill.losses.registry import LOSSES
 from detdistill.losses.feature import L1FeatureLoss, L2FeatureLoss, l1_feature_loss, l2_feature_loss
 from detdistill.losses.pkd import PKDLoss, channel_standardize, pkd_loss
 from detdistill.losses.ssim import (
@@ -18,7 +18,6 @@ from detdistill.losses.ssim import (
 from detdistill.losses.kl import KLLogitLoss, kl_logit_loss
 
 __all__ = [
-    "LOSSES",
     "l2_feature_loss",
     "l1_feature_loss",
     "L2FeatureLoss",

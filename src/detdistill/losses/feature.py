@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detdistill.losses.registry import LOSSES
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -138,7 +137,6 @@ def l1_feature_loss(student: Tensor, teacher: Tensor, *, reduction: Reduction = 
     return F.l1_loss(s, t.to(s.dtype), reduction=reduction)
 
 
-@LOSSES.register("l2")
 class L2FeatureLoss(nn.Module):
     """Module form of :func:`l2_feature_loss` (registry name ``'l2'``)."""
 
@@ -154,7 +152,6 @@ class L2FeatureLoss(nn.Module):
         return f"reduction={self.reduction!r}"
 
 
-@LOSSES.register("l1")
 class L1FeatureLoss(nn.Module):
     """Module form of :func:`l1_feature_loss` (registry name ``'l1'``)."""
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detdistill.losses.feature import _check_tensor
-from detdistill.losses.registry import LOSSES
 
 KLMode = Literal["sigmoid", "softmax"]
 
@@ -121,7 +120,6 @@ def kl_logit_loss(
     return loss
 
 
-@LOSSES.register("kl")
 class KLLogitLoss(nn.Module):
     """Module form of :func:`kl_logit_loss` (registry name ``'kl'``)."""
 

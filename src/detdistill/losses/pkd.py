@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detdistill.losses.feature import _check_feature_pair, _high_precision, _no_autocast
-from detdistill.losses.registry import LOSSES
 
 __all__ = ["pkd_loss", "PKDLoss", "channel_standardize"]
 
@@ -78,7 +77,6 @@ def pkd_loss(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Tensor:
         return F.mse_loss(channel_standardize(s, eps), channel_standardize(t, eps)) / 2
 
 
-@LOSSES.register("pkd")
 class PKDLoss(nn.Module):
     """Module form of :func:`pkd_loss` (registry name ``'pkd'``)."""
 

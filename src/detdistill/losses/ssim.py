@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detdistill.losses.feature import _check_feature_pair, _high_precision, _no_autocast
-from detdistill.losses.registry import LOSSES
 
 NormalizeMode = Literal["channel", "sample", "tensor", "none"]
 NegativeBase = Literal["clamp", "signed"]
@@ -331,7 +330,6 @@ def ssim_loss(
         return ((1 - smap) / 2).mean()
 
 
-@LOSSES.register("ssim")
 class SSIMLoss(nn.Module):
     """Module form of :func:`ssim_loss` (registry name ``'ssim'``)."""
 
