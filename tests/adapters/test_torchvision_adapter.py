@@ -273,6 +273,20 @@ def test_reg_bias_init_sets_the_fcos_box_bias_and_is_refused_elsewhere():
         adapter.build(ModelConfig(arch="retinanet", fpn_channels=32, reg_bias_init=1.0), 2)
 
 
+@pytest.mark.parametrize("arch", ["fcos", "yolo_pafpn"])
+def test_a_32_channel_fcos_head_trains_on_one_tiny_image(arch):
+    """P7 of a 64 px image is 1x1; GroupNorm(32, 32) would see one value per group and raise."""
+    model = _build(arch, fpn_channels=32)
+    norms = [m for m in model.head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels // m.num_groups == 2 for m in norms)
+    model.train()
+    target = Target(torch.tensor([[10.0, 12.0, 40.0, 44.0]]), torch.tensor([1]), 0, "tiny")
+    losses, _ = ADAPTER.forward_train(model, Batch([torch.rand(3, 64, 64)], [target]))
+    assert all(torch.isfinite(v) for v in losses.values())
+    wide = _build("fcos", fpn_channels=64)  # torchvision's head untouched where it works
+    assert all(m.num_groups == 32 for m in wide.head.modules() if isinstance(m, torch.nn.GroupNorm))
+
+
 def test_a_frozen_loss_term_is_reported(capsys):
     from detdistill.engine.train import _warn_stuck_terms
 

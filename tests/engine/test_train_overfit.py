@@ -6,10 +6,6 @@ object-centred crops, every training sample is exactly a whole val image, so the
 asked to memorise the val set: AP must rise from ~0 (random init) to near 100. This catches
 broken label/box plumbing, a loss that does not reach the weights, an LR schedule stuck at
 zero, or evaluation that disagrees with training frames.
-
-160 px rather than 128: with ``fpn_channels=32`` torchvision's FCOS head has one channel per
-GroupNorm group, and a <=128 px image has a 1x1 P7 map, which GroupNorm rejects for a single
-image ("Expected more than 1 value per channel").
 """
 
 from __future__ import annotations

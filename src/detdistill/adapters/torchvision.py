@@ -131,6 +131,8 @@ def _build_arch(cfg: ModelConfig, num_classes: int) -> nn.Module:
                                       detections_per_img=cfg.detections_per_img, **_common_kwargs(cfg))
     else:
         raise ValueError(f"model.arch {cfg.arch!r} is not a torchvision detector; choose one of {', '.join(_ARCHS)}")
+    if isinstance(model, FCOS):
+        _two_channels_per_group(model.head)
     if cfg.reg_bias_init is not None:
         if not isinstance(model, FCOS):
             raise ValueError(f"model.reg_bias_init applies to FCOS heads (fcos, yolo_pafpn), not {cfg.arch}")
@@ -138,6 +140,25 @@ def _build_arch(cfg: ModelConfig, num_classes: int) -> nn.Module:
     old = model.transform
     model.transform = NativeResolutionTransform(old.min_size, old.max_size, old.image_mean, old.image_std)
     return model
+
+
+def _two_channels_per_group(head: nn.Module) -> None:
+    """Halve the groups of any ``GroupNorm`` that has one channel per group (FCOS's fixed
+    ``GroupNorm(32, C)`` at ``C = 32``).
+
+    One channel per group is instance norm: on the 1x1 P7 map of a <=128 px image it has a
+    single value per group, which torch rejects for a batch of one ("Expected more than 1
+    value per channel") and which would normalise to the bias anyway. Parameter shapes do
+    not change; ``C >= 64`` heads are left exactly as torchvision builds them.
+    """
+    for name, child in head.named_children():
+        if isinstance(child, nn.GroupNorm) and child.num_groups == child.num_channels and child.num_channels > 1:
+            gn = nn.GroupNorm(child.num_channels // 2, child.num_channels, eps=child.eps, affine=child.affine)
+            if child.affine:
+                gn.load_state_dict(child.state_dict())
+            setattr(head, name, gn)
+        else:
+            _two_channels_per_group(child)
 
 
 def _neck_levels(cfg_arch: str) -> list[tuple[str, str, int]]:
