@@ -275,7 +275,10 @@ class TorchvisionAdapter:
         spec = {"framework": "torchvision", "arch": cfg.arch, "backbone": cfg.backbone, "fpn_channels": cfg.fpn_channels,
                 "head_convs": cfg.head_convs, "norm": cfg.norm, "anchor_sizes": cfg.anchor_sizes,
                 "num_classes": num_classes, "score_thresh": cfg.score_thresh, "nms_thresh": cfg.nms_thresh,
-                "detections_per_img": cfg.detections_per_img}
+                "detections_per_img": cfg.detections_per_img,
+                # GroupNorm groups are not in the state dict; the loader re-applies any that differ
+                # from what plain torchvision builds (e.g. a 32-channel FCOS head: 16 groups).
+                "group_norm_groups": {n: m.num_groups for n, m in bare.named_modules() if isinstance(m, nn.GroupNorm)}}
         (out_dir / "model.json").write_text(json.dumps(spec, indent=2))
         (out_dir / "load_model.py").write_text(_STANDALONE_LOADER)
         if cfg.arch == "yolo_pafpn":
@@ -361,9 +364,21 @@ class NativeResolution(GeneralizedRCNNTransform):
         return image, target
 
 
+def set_group_norm_groups(model, groups):
+    """GroupNorm group counts are not stored in the weights: rebuild those that differ."""
+    for name, g in groups.items():
+        old = model.get_submodule(name)
+        if old.num_groups != g:
+            parent, _, attr = name.rpartition(".")
+            new = torch.nn.GroupNorm(g, old.num_channels, eps=old.eps, affine=old.affine)
+            setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
 def load(folder="."):
     folder = Path(folder)
-    model = build(json.loads((folder / "model.json").read_text()))
+    spec = json.loads((folder / "model.json").read_text())
+    model = build(spec)
+    set_group_norm_groups(model, spec.get("group_norm_groups", {}))
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     t = model.transform  # same normalisation and padding as in training, without torchvision's resize
     model.transform = NativeResolution(t.min_size, t.max_size, t.image_mean, t.image_std)
