@@ -19,9 +19,9 @@ import torch
 from detdistill.adapters.base import get_adapter
 from detdistill.config import load_config
 from detdistill.data.dataset import EvalDataset, StepBatchSampler, TrainDataset, collate
-from detdistill.data.transforms import EvalTransform, TrainTransform
+from detdistill.data.transforms import EvalTransform
 from detdistill.engine.optim import build_optimizer, build_scheduler
-from detdistill.engine.train import load_split, train_one_step
+from detdistill.engine.train import load_split, train_one_step, train_transform
 
 
 def count_params(model: torch.nn.Module) -> float:
@@ -46,8 +46,7 @@ def main() -> None:
         adapter = get_adapter(cfg.model.framework)
         model = adapter.build(cfg.model, train_set.num_classes)
         d = cfg.data
-        ds = TrainDataset(train_set, TrainTransform(d.crop_size, scale_range=d.scale_range, hflip=d.hflip, vflip=d.vflip,
-                                                    object_centered_crop_p=d.object_centered_crop_p), cache_images=True)
+        ds = TrainDataset(train_set, train_transform(d), cache_images=True)
         sampler = iter(StepBatchSampler(len(train_set), cfg.train.batch_size, 0))
         batches = [collate([ds[i] for i in next(sampler)]) for _ in range(args.steps + 2)]
         opt = build_optimizer(cfg.train, list(model.parameters()))

@@ -21,10 +21,9 @@ import torch
 from detdistill.adapters.base import get_adapter
 from detdistill.config import load_config
 from detdistill.data.dataset import StepBatchSampler, TrainDataset, collate
-from detdistill.data.transforms import TrainTransform
 from detdistill.distill.distiller import Distiller, Teacher
 from detdistill.engine.optim import build_optimizer, build_scheduler
-from detdistill.engine.train import load_split, load_teacher, train_one_step
+from detdistill.engine.train import load_split, load_teacher, train_one_step, train_transform
 
 
 def main() -> None:
@@ -45,7 +44,7 @@ def main() -> None:
     else:
         teacher = load_teacher(cfg.teacher, torch.device("cpu"))
     d = cfg.data
-    ds = TrainDataset(train_set, TrainTransform(d.crop_size, scale_range=d.scale_range, hflip=d.hflip, vflip=d.vflip), cache_images=True)
+    ds = TrainDataset(train_set, train_transform(d), cache_images=True)
     sampler = iter(StepBatchSampler(len(train_set), cfg.train.batch_size, 0))
     batches = [collate([ds[i] for i in next(sampler)]) for _ in range(args.steps + 2)]
 

@@ -36,7 +36,6 @@ writes ``results.json`` / ``results.md`` in ``--out``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -53,10 +52,11 @@ from tqdm import tqdm
 from detdistill.adapters.base import get_adapter
 from detdistill.config import Config, load_config
 from detdistill.data.dataset import EvalDataset, StepBatchSampler, TrainDataset
-from detdistill.data.transforms import EvalTransform, TrainTransform
+from detdistill.data.transforms import EvalTransform
+from detdistill.data.yolo import label_path_for
 from detdistill.engine.evaluate import evaluate
 from detdistill.engine.restore import restore_model
-from detdistill.engine.train import load_split
+from detdistill.engine.train import load_split, train_transform
 from detdistill.report.tables import format_metrics_table
 
 COLUMNS = ["name", "AP", "AP50", "AP75", "APs", "APm", "APl", "AP/car", "s_per_step", "train_min"]
@@ -73,9 +73,7 @@ def write_crops(cfg: Config, out: Path) -> Path:
     lab_dir.mkdir(parents=True)
     d = cfg.data
     train_set = load_split(cfg, "train")
-    ds = TrainDataset(train_set, TrainTransform(d.crop_size, scale_range=d.scale_range, hflip=d.hflip, vflip=d.vflip,
-                                                object_centered_crop_p=d.object_centered_crop_p,
-                                                min_size=max(d.min_box_size, 1.0)), cache_images=True)
+    ds = TrainDataset(train_set, train_transform(d), cache_images=True)
     sampler = StepBatchSampler(len(train_set), cfg.train.batch_size, cfg.seed)
     for step in tqdm(range(cfg.train.steps), desc="writing detdistill's training crops", unit="step"):
         for j, item in enumerate(sampler.batch(step)):
@@ -103,7 +101,7 @@ def mirror_val(cfg: Config, out: Path) -> Path:
         link = img_dir / src.name
         if not link.exists():
             link.symlink_to(src.resolve())
-        label = src.parent.parent / "labels" / f"{src.stem}.txt"
+        label = label_path_for(src)
         if label.exists():
             shutil.copyfile(label, lab_dir / f"{src.stem}.txt")
     return img_dir
@@ -115,11 +113,7 @@ def teacher_to_ultralytics(checkpoint: Path, dest: Path) -> str:
     if r.config.model.framework != "ultralytics":
         raise SystemExit(f"{checkpoint}: ultralytics' distillation needs an ultralytics teacher, "
                          f"this one is {r.config.model.framework}/{r.config.model.arch}")
-    model = copy.deepcopy(r.model).float().eval()
-    for m in model.modules():  # detdistill's taps/probes leave no hooks, but be sure the pickle is clean
-        m._forward_hooks.clear()
-        m._forward_pre_hooks.clear()
-    torch.save({"model": model, "train_args": {}, "date": None, "version": "detdistill-export"}, dest)
+    torch.save({"model": r.model.float().eval(), "train_args": {}, "date": None, "version": "detdistill-export"}, dest)
     return r.config.model.arch
 
 

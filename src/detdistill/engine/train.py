@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..adapters.base import DetectorAdapter, get_adapter, unwrap
-from ..config import Config, TeacherConfig
+from ..config import Config, DataConfig, TeacherConfig
 from ..data.dataset import EvalDataset, StepBatchSampler, TrainDataset, collate
 from ..data.readers import load_detection_set
 from ..data.sample import DetectionSet
@@ -71,6 +71,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def train_transform(d: DataConfig) -> TrainTransform:
+    """The training augmentation a config's ``data`` section describes (also used by the
+    benchmark scripts, so they draw exactly the crops ``train`` does)."""
+    return TrainTransform(d.crop_size, scale_range=d.scale_range, hflip=d.hflip, vflip=d.vflip,
+                          object_centered_crop_p=d.object_centered_crop_p, min_size=max(d.min_box_size, 1.0))
 
 
 def load_split(cfg: Config, split: str) -> DetectionSet:
@@ -252,9 +259,7 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
     logger = MetricsLogger(run_dir) if info.is_main else None
 
     d = cfg.data
-    train_ds = TrainDataset(train_set, TrainTransform(d.crop_size, scale_range=d.scale_range, hflip=d.hflip, vflip=d.vflip,
-                                                      object_centered_crop_p=d.object_centered_crop_p,
-                                                      min_size=max(d.min_box_size, 1.0)), cache_images=d.cache_images)
+    train_ds = TrainDataset(train_set, train_transform(d), cache_images=d.cache_images)
     if d.cache_images and d.workers > 0:
         train_ds.preload()  # decode once before workers fork, so they share the cache
     val_ds = EvalDataset(val_set, EvalTransform())
