@@ -132,9 +132,23 @@ def test_mssd_loss_module(use_mask: bool) -> None:
     assert all(f.grad is None for f in fpn)
     assert all(p.grad is not None for p in pan)
     assert all(p.grad is not None for p in crit.parameters())
-    if not use_mask:
-        expected = sum(w * ((p - f) ** 2).mean() for w, p, f in zip((1.0, 0.5, 0.25), pan, fpn))
-        assert torch.allclose(out["mssd_self"], expected)
+    # Independent float64 computation of both terms from the same masks and adapter weights.
+    masks = [m.double() for m in gaussian_masks(boxes, (H, W), STRIDES, sigma_mode="box_fraction")]
+    assert all(float(m.sum()) > 0 for m in masks)
+    self_want, mask_want = 0.0, 0.0
+    for w, f, p, m, conv in zip((1.0, 0.5, 0.25), fpn, pan, masks, crit.adapters):
+        f, p = f.detach().double(), p.detach().double()
+        sq = (p - f) ** 2
+        self_want += w * (float((sq * m).sum() / (8 * (m.sum() + 1e-6))) if use_mask else float(sq.mean()))
+        logits = torch.einsum("nchw,c->nhw", p, conv.weight.detach().double().view(-1)) + conv.bias.detach().double()
+        mask_want += float(((torch.sigmoid(logits)[:, None] - m) ** 2).mean())
+    assert float(out["mssd_self"].detach()) == pytest.approx(self_want, rel=1e-5)
+    assert float(out["mssd_mask"].detach()) == pytest.approx(2.0 * mask_want, rel=1e-5)  # mask_weight 2
+    # mask_weight scales the mask term only, linearly
+    crit.mask_weight = 5.0
+    again = crit(fpn, pan, boxes, (H, W))
+    assert float(again["mssd_mask"].detach()) == pytest.approx(5.0 * mask_want, rel=1e-5)
+    assert float(again["mssd_self"].detach()) == pytest.approx(self_want, rel=1e-6)
 
 
 def test_mssd_loss_on_pafpn_fcos() -> None:

@@ -125,7 +125,7 @@ def gaussian_masks(
     image_size: tuple[int, int],
     strides: Sequence[int] = (8, 16, 32),
     size_thresholds: Sequence[float] = (32.0, 96.0),
-    sigma_mode: SigmaMode = "centernet",
+    sigma_mode: SigmaMode = "box_fraction",
     sigma_fraction: float = 1.0 / 6.0,
     feature_sizes: Sequence[tuple[int, int]] | None = None,
     min_overlap: float = 0.7,
@@ -137,8 +137,9 @@ def gaussian_masks(
         image_size: ``(H, W)`` of the padded network input.
         strides: one stride per level, finest first.
         size_thresholds: ``len(strides) - 1`` increasing ``sqrt(area)`` bounds in pixels.
-        sigma_mode: ``'centernet'`` (radius from min-IoU ``min_overlap``, ``sigma = (2r+1)/6``
-            cells) or ``'box_fraction'`` (``sigma = (w, h) * sigma_fraction`` pixels).
+        sigma_mode: ``'box_fraction'`` (default, as :class:`~detdistill.losses.mssd.MSSDLoss`:
+            ``sigma = (w, h) * sigma_fraction`` pixels, the Gaussian spans the box) or
+            ``'centernet'`` (radius from min-IoU ``min_overlap``, ``sigma = (2r+1)/6`` cells).
         sigma_fraction: only for ``'box_fraction'``.
         feature_sizes: optional ``(H_l, W_l)`` per level to match actual feature maps;
             default ``(ceil(H / s_l), ceil(W / s_l))``.
