@@ -1,8 +1,13 @@
-"""Worker for test_ddp_kd.py: one rank of a CPU (gloo) DDP distillation step.
+"""Worker for test_ddp_kd.py: one rank of a CPU (gloo) DDP distillation run.
 
 Kept out of the test module so spawned children import only this file (not pytest's test
 module). Both the ranks and the single-process reference build everything through
-:func:`setup`, so weights, connectors and the batch are identical by construction.
+:func:`setup`, so weights and connectors are identical by construction. Each rank gets its
+*own* batch (:func:`make_batch(rank)`): with one shared batch, "averaged over ranks" and
+"never reduced" give the same connector gradients, and a test could not tell them apart.
+
+A rank runs two steps: a normal one, then one where rank 1 alone produces a NaN loss term.
+Every rank must stop on that step, before touching its weights, naming the term.
 """
 
 from __future__ import annotations
@@ -24,16 +29,21 @@ from detdistill.structures import Batch, Target
 KD_KEYS = ("loss/kd/pkd", "loss/kd/l2_p3")
 
 
-def make_batch() -> Batch:
-    g = torch.Generator().manual_seed(0)
+NAN_TERM = "bbox_regression"
+
+
+def make_batch(rank: int = 0) -> Batch:
+    """Two 96x128 images; rank ``r`` gets different pixels and boxes than any other rank."""
+    g = torch.Generator().manual_seed(100 + rank)
     images = [torch.rand(3, 96, 128, generator=g) for _ in range(2)]
-    targets = [Target(torch.tensor([[8.0, 8.0, 24.0, 24.0], [40.0, 20.0, 88.0, 68.0]]), torch.tensor([0, 1]), 0),
-               Target(torch.tensor([[10.0, 3.0, 120.0, 93.0]]), torch.tensor([2]), 1)]
+    shift = 6.0 * rank
+    targets = [Target(torch.tensor([[8.0, 8.0, 24.0, 24.0], [40.0, 20.0, 88.0, 68.0]]) + shift, torch.tensor([0, 1]), 0),
+               Target(torch.tensor([[10.0, 3.0, 110.0, 83.0]]) + shift, torch.tensor([2 - rank]), 1)]
     return Batch(images, targets)
 
 
-def setup() -> tuple[Any, nn.Module, Distiller, Batch]:
-    """GroupNorm student and teacher (no BatchNorm batch statistics), PKD + L2 terms, one batch."""
+def setup(rank: int = 0) -> tuple[Any, nn.Module, Distiller, Batch]:
+    """GroupNorm student and teacher (no BatchNorm batch statistics), PKD + L2 terms, rank's batch."""
     torch.set_num_threads(1)
     adapter = get_adapter("torchvision")
     torch.manual_seed(0)
@@ -44,7 +54,7 @@ def setup() -> tuple[Any, nn.Module, Distiller, Batch]:
              DistillTermConfig(method="l2", name="l2_p3", pairs=[("neck.p3", "neck.p3")])]
     torch.manual_seed(2)  # connector initialisation
     distiller = Distiller(student, adapter, terms, Teacher(teacher, adapter))
-    return adapter, student, distiller, make_batch()
+    return adapter, student, distiller, make_batch(rank)
 
 
 def one_step(model: nn.Module, adapter: Any, distiller: Distiller, batch: Batch, info: DistInfo) -> dict[str, Any]:
@@ -57,15 +67,45 @@ def one_step(model: nn.Module, adapter: Any, distiller: Distiller, batch: Batch,
     return {"values": values, "connector_grads": grads}
 
 
+def _params(model: nn.Module, distiller: Distiller) -> dict[str, torch.Tensor]:
+    named = list(unwrap(model).named_parameters()) + [(f"distiller.{k}", p) for k, p in distiller.named_parameters()]
+    return {k: p.detach().clone() for k, p in named}
+
+
 def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """Entry point of one spawned rank: write ``rank<k>.pt`` into ``out_dir``."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    from datetime import timedelta
+
+    from detdistill.engine.train import NonFiniteLossError
+
+    # A short timeout: a rank left waiting in a collective fails the test instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
     try:
-        adapter, student, distiller, batch = setup()
+        adapter, student, distiller, batch = setup(rank)
         info = DistInfo(rank=rank, world_size=world_size, local_rank=rank)
         model = wrap_ddp(student, info, torch.device("cpu"))
         result = one_step(model, adapter, distiller, batch, info)
         result["wrapped"] = isinstance(model, nn.parallel.DistributedDataParallel)
+
+        # Step 2: rank 1 alone gets a NaN task term.
+        if rank == 1:
+            real = adapter.forward_train
+
+            def nan_forward(m: nn.Module, b: Batch, *, need_raw: bool = False) -> Any:
+                losses, raw = real(m, b, need_raw=need_raw)
+                losses[NAN_TERM] = losses[NAN_TERM] * float("nan")
+                return losses, raw
+
+            adapter.forward_train = nan_forward  # instance attribute: this process only
+        before = _params(model, distiller)
+        try:
+            one_step(model, adapter, distiller, batch, info)
+            result["nan_step"] = "no error"
+        except NonFiniteLossError as err:
+            result["nan_step"] = str(err)
+        after = _params(model, distiller)
+        result["nan_step_changed"] = sorted(k for k in before if not torch.equal(before[k], after[k]))
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -39,26 +39,42 @@ def _spawn(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_kd_terms_under_ddp_match_single_process(tmp_path):
+def test_kd_under_ddp_with_different_batches_per_rank(tmp_path):
+    """Each rank distils its own batch. Per rank, the KD terms equal a single process on that
+    batch; the connectors (outside DDP) end with the *mean* of the per-batch gradients on
+    every rank; and a NaN on one rank stops every rank at that step with the term named."""
     _spawn(tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
     assert all(r["wrapped"] for r in ranks), "wrap_ddp did not wrap the student"
 
-    adapter, student, distiller, batch = worker.setup()  # same seeds, same batch, bare model
-    ref = worker.one_step(student, adapter, distiller, batch, DistInfo())
+    refs = []
+    for r in range(WORLD_SIZE):  # same seeds, rank r's batch, bare model, one process
+        adapter, student, distiller, batch = worker.setup(r)
+        refs.append(worker.one_step(student, adapter, distiller, batch, DistInfo()))
 
     for key in worker.KD_KEYS:
-        expected = ref["values"][key]
-        assert expected > 0, f"{key} is zero in the single-process reference"
         for r, res in enumerate(ranks):
+            expected = refs[r]["values"][key]
+            assert expected > 0, f"{key} is zero in the single-process reference"
             got = res["values"][key]
             assert got != 0.0, f"rank {r}: {key} is zero under DDP (module. prefix / hooks not firing?)"
             assert got == pytest.approx(expected, rel=1e-6, abs=1e-6), f"rank {r}: {key}"
-    assert ranks[0]["values"]["loss"] == pytest.approx(ref["values"]["loss"], rel=1e-6, abs=1e-6)
+        assert refs[0]["values"][key] != pytest.approx(refs[1]["values"][key], rel=1e-3), "the batches do not differ"
 
     # connectors live outside DDP: their grads are all-reduced to the same average on every rank
-    assert ref["connector_grads"]
+    g0, g1 = refs[0]["connector_grads"], refs[1]["connector_grads"]
+    assert g0 and g0.keys() == g1.keys()
+    flat = lambda g: torch.cat([g[k].flatten() for k in sorted(g)])  # noqa: E731
+    assert float((flat(g0) - flat(g1)).norm() / flat(g0).norm()) > 1e-2, "per-rank connector grads barely differ"
     for r, res in enumerate(ranks):
-        assert res["connector_grads"].keys() == ref["connector_grads"].keys()
-        for k, g in ref["connector_grads"].items():
-            torch.testing.assert_close(res["connector_grads"][k], g, rtol=1e-5, atol=1e-7, msg=f"rank {r}: {k}")
+        assert res["connector_grads"].keys() == g0.keys()
+        for k in g0:
+            torch.testing.assert_close(res["connector_grads"][k], (g0[k] + g1[k]) / 2, rtol=1e-5, atol=1e-7,
+                                       msg=f"rank {r}: connector {k} is not the mean over ranks")
+
+    # NaN on rank 1 only: both ranks raise, name the step, the rank and the term, and keep their weights
+    for r, res in enumerate(ranks):
+        msg = res["nan_step"]
+        assert msg.startswith("step 0: non-finite"), f"rank {r} did not stop: {msg}"
+        assert f"rank 1: {worker.NAN_TERM}=nan" in msg and "rank 0:" not in msg, f"rank {r}: {msg}"
+        assert res["nan_step_changed"] == [], f"rank {r} updated {res['nan_step_changed'][:3]} on the bad step"

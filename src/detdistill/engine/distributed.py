@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,9 +62,14 @@ def reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value / info.world_size
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """``obj`` from every rank, in rank order (``[obj]`` in one process). Pickles: keep it off
+    the hot path (it is used to name what went wrong on another rank)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def cleanup(info: DistInfo) -> None:

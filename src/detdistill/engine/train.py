@@ -37,7 +37,7 @@ from ..report.plots import plot_run
 from ..structures import Batch
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .coco_eval import EvalResult
-from .distributed import DistInfo, all_reduce_grads, cleanup, init_distributed, reduce_mean, wrap_ddp
+from .distributed import DistInfo, all_reduce_grads, cleanup, gather_objects, init_distributed, reduce_mean, wrap_ddp
 from .evaluate import evaluate
 from .optim import build_optimizer, build_scheduler
 from .restore import restore_model
@@ -132,11 +132,14 @@ def train_one_step(model: nn.Module, adapter: DetectorAdapter, batch: Batch, ste
         losses = distiller(model, batch, step) if distiller is not None else adapter.forward_train(model, batch)[0]
     total = sum(losses.values())
     values = {f"loss/{k}": float(v.detach()) for k, v in losses.items()}
-    bad = [k[5:] for k, v in values.items() if not math.isfinite(v)]
-    flag = reduce_mean(torch.tensor(float(bool(bad))), info)  # every rank stops together
-    if bad or float(flag) > 0:
-        raise NonFiniteLossError(f"step {step}: non-finite loss term(s) {bad or '(on another rank)'}: "
-                                 + ", ".join(f"{k}={values['loss/' + k]}" for k in bad))
+    bad = {k[5:]: v for k, v in values.items() if not math.isfinite(v)}
+    # Agreed across ranks: a rank that stopped alone would leave the others hanging in the
+    # gradient all-reduce. Every rank then names the term and the rank it went bad on.
+    if float(reduce_mean(torch.tensor(float(bool(bad))), info)) > 0:
+        per_rank = gather_objects(bad, info)
+        where = "; ".join((f"rank {r}: " if info.enabled else "") + ", ".join(f"{k}={v}" for k, v in b.items())
+                          for r, b in enumerate(per_rank) if b)
+        raise NonFiniteLossError(f"step {step}: non-finite loss term(s) {where}")
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(total).backward()
