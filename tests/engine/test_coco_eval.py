@@ -326,3 +326,47 @@ def test_random_scene_matches_numpy_reference() -> None:
     assert r.AP50 == pytest.approx((per_cls[0][0] + per_cls[1][0]) / 2)
     assert r.AP75 == pytest.approx((per_cls[0][5] + per_cls[1][5]) / 2)
     assert 0.0 < r.AP < 100.0
+
+
+def _pycocotools_buckets(area: float) -> set[str]:
+    """The size buckets pycocotools itself puts a ground-truth area in (its own ``Params``;
+    both ends inclusive, as in ``COCOeval.evaluateImg``)."""
+    from pycocotools.cocoeval import Params
+
+    p = Params(iouType="bbox")
+    return {lbl for lbl, (lo, hi) in zip(p.areaRngLbl, p.areaRng) if lbl != "all" and lo <= area <= hi}
+
+
+# side lengths straddling 32 and 96 (areas 31^2 .. 97^2), and the exact boundaries
+@pytest.mark.parametrize("side", [31.0, 32.0, 33.0, 47.0, 49.0, 95.0, 96.0, 97.0])
+def test_size_bucket_of_a_box_matches_pycocotools_area_ranges(side: float) -> None:
+    """A single, perfectly detected box scores 100 in exactly the buckets pycocotools'
+    own area ranges give its area, and NaN (no ground truth) in the others."""
+    ev = CocoEvaluator(["a"])
+    box = [50.0, 60.0, 50.0 + side, 60.0 + side]
+    gt(ev, 1, [box], [0])
+    ev.add_detections(1, dets([box], [0.9], [0]))
+    r = ev.compute()
+    expected = _pycocotools_buckets(side * side)
+    assert expected  # every area is in some bucket
+    got = {"small": r.APs, "medium": r.APm, "large": r.APl}
+    for bucket, value in got.items():
+        if bucket in expected:
+            assert value == pytest.approx(100.0), f"{side}x{side}: {bucket}"
+        else:
+            assert math.isnan(value), f"{side}x{side} must not count as {bucket} (got {value})"
+
+
+def test_boxes_straddling_32_and_96_split_into_buckets() -> None:
+    """31², 33², 95², 97² boxes; only the 31² and 97² ones are found. pycocotools' ranges
+    (small < 32² < medium < 96² < large) then give APs 100, APm 0, APl 100. A boundary
+    moved to 48² would make the missed 33² box small (APs 50)."""
+    sides = {31.0: True, 33.0: False, 95.0: False, 97.0: True}
+    boxes = [[10.0 + 120 * i, 20.0, 10.0 + 120 * i + s, 20.0 + s] for i, s in enumerate(sides)]
+    ev = CocoEvaluator(["a"])
+    ev.add_ground_truth(1, 640, 200, torch.tensor(boxes), torch.zeros(4, dtype=torch.int64))
+    found = [b for b, hit in zip(boxes, sides.values()) if hit]
+    ev.add_detections(1, dets(found, [0.9, 0.8], [0, 0]))
+    r = ev.compute()
+    assert (r.APs, r.APm, r.APl) == (pytest.approx(100.0), pytest.approx(0.0), pytest.approx(100.0))
+    assert r.AP == pytest.approx(ref_ap([True, True], num_gt=4))
