@@ -192,6 +192,45 @@ def test_train_step_returns_separate_finite_terms_and_updates(adapter: Ultralyti
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_targets_on_a_non_square_input_match_hand_computation() -> None:
+    """ultralytics wants ``(cx, cy, w, h)`` normalised by the *padded input* width and height.
+    A 64 (high) x 96 (wide) input with tall and wide boxes catches a cx/cy or w/h swap and
+    a width/height mix-up, which a square image hides."""
+    from detdistill.adapters.ultralytics import _targets
+
+    batch = Batch([torch.zeros(3, 64, 96), torch.zeros(3, 64, 96)],
+                  [Target(torch.tensor([[8.0, 4.0, 32.0, 52.0], [50.0, 10.0, 90.0, 20.0]]), torch.tensor([2, 0]), 0),
+                   Target(torch.tensor([[0.0, 0.0, 96.0, 64.0], [5.0, 5.0, 5.0, 9.0]]), torch.tensor([1, 1]), 1)])
+    got = _targets(batch, (64, 96), torch.device("cpu"))
+    # by hand: cx = (x0 + x1) / 2 / 96, cy = (y0 + y1) / 2 / 64, w = (x1 - x0) / 96, h = (y1 - y0) / 64
+    expected = torch.tensor([[20 / 96, 28 / 64, 24 / 96, 48 / 64],
+                             [70 / 96, 15 / 64, 40 / 96, 10 / 64],
+                             [48 / 96, 32 / 64, 96 / 96, 64 / 64]])  # the zero-width box is dropped
+    torch.testing.assert_close(got["bboxes"], expected)
+    torch.testing.assert_close(got["cls"], torch.tensor([[2.0], [0.0], [1.0]]))
+    torch.testing.assert_close(got["batch_idx"], torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_train_loss_on_a_non_square_batch_equals_criterion_with_hand_targets(adapter: UltralyticsAdapter) -> None:
+    """forward_train on 64x96 images = ultralytics' own criterion fed hand-written targets."""
+    from detdistill.adapters.ultralytics import _criterion
+
+    torch.manual_seed(0)
+    model = adapter.build(_cfg(), 3).train()
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 64, 96, generator=g) for _ in range(2)]
+    batch = Batch(images, [Target(torch.tensor([[8.0, 4.0, 32.0, 52.0]]), torch.tensor([2]), 0),
+                           Target(torch.tensor([[50.0, 10.0, 90.0, 30.0]]), torch.tensor([0]), 1)])
+    losses, _ = adapter.forward_train(model, batch)
+    hand = {"batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[2.0], [0.0]]),
+            "bboxes": torch.tensor([[20 / 96, 28 / 64, 24 / 96, 48 / 64], [70 / 96, 20 / 64, 40 / 96, 20 / 64]])}
+    with torch.no_grad():
+        theirs, _ = _criterion(model)(model(torch.stack(images)), hand)
+    ours = torch.stack([losses[k] for k in ("box", "cls", "dfl")]).detach()
+    assert float(ours[0]) > 0  # boxes were assigned: the box term is not vacuous
+    torch.testing.assert_close(ours * 2, theirs, rtol=1e-4, atol=1e-4)
+
+
 def test_predict_inside_image_bounds(adapter: UltralyticsAdapter) -> None:
     torch.manual_seed(0)
     model = adapter.build(_cfg(score_thresh=1e-4, detections_per_img=50), 3).train()
@@ -370,11 +409,20 @@ def test_distillation_steps_yolov8s_to_yolov8n(adapter: UltralyticsAdapter) -> N
     assert all(p.grad is None for p in teacher.parameters())
     opt.step()
 
-    # logit KD: same head layout and input size -> same (N, A, C) logits
-    kl = Distiller(student, adapter, [DistillTermConfig(method="kl")], teacher=Teacher(teacher, adapter))
+    # logit KD: same head layout and input size -> same (N, A, C) logits; the term equals
+    # kl_logit_loss on the two heads' class logits, taken independently of the Distiller
+    from detdistill.losses.kl import kl_logit_loss
+
+    kl = Distiller(student, adapter, [DistillTermConfig(method="kl", weight=2.0)], teacher=Teacher(teacher, adapter))
     losses = kl(student, _batch(), step=0)
-    assert torch.isfinite(losses["kd/kl"])
     kl.remove_hooks()
+    with torch.no_grad():
+        _, s_raw = adapter.forward_train(student, _batch(), need_raw=True)
+        t_raw = adapter.forward_features(teacher.eval(), _batch().images, need_head=True)
+    assert s_raw.cls_logits.shape == t_raw.cls_logits.shape == (2, 84, 3)
+    expected = 2.0 * kl_logit_loss(s_raw.cls_logits, t_raw.cls_logits)
+    assert float(expected) > 0
+    torch.testing.assert_close(losses["kd/kl"].detach(), expected, rtol=1e-5, atol=1e-7)
     distiller.remove_hooks()
 
 
@@ -428,6 +476,24 @@ def test_predict_image_tiled(adapter: UltralyticsAdapter) -> None:
     torch.manual_seed(0)
     model = adapter.build(_cfg(score_thresh=1e-3), 3)
     image = torch.rand(3, 96, 120)
-    dets = predict_image(model, adapter, image, EvalConfig(tile_size=64, tile_overlap=16))
+    dets = predict_image(model, adapter, image, EvalConfig(tile_size=64, tile_overlap=16), tile_batch=1)
     assert isinstance(dets, Detections) and len(dets.boxes) > 0
     assert (dets.boxes[:, 0::2] <= 120).all() and (dets.boxes[:, 1::2] <= 96).all() and (dets.boxes >= 0).all()
+
+    # Independently: 64-px tiles every 48 px, the last flush with the edge (x 0/48/56, y 0/32);
+    # each tile predicted alone, shifted by its origin, then class-wise NMS at 0.6.
+    from torchvision.ops import batched_nms
+
+    boxes, scores, labels = [], [], []
+    for y0 in (0, 32):
+        for x0 in (0, 48, 56):
+            d = adapter.predict(model, [image[:, y0:y0 + 64, x0:x0 + 64]])[0]
+            boxes.append(d.boxes + torch.tensor([x0, y0, x0, y0], dtype=torch.float32))
+            scores.append(d.scores)
+            labels.append(d.labels)
+    b, s, lab = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+    keep = batched_nms(b, s, lab, 0.6)[:EvalConfig().max_dets]
+    assert len(keep) < len(b)  # overlapping tiles produced duplicates that the merge removed
+    torch.testing.assert_close(dets.boxes, b[keep], rtol=0, atol=0)
+    torch.testing.assert_close(dets.scores, s[keep], rtol=0, atol=0)
+    assert torch.equal(dets.labels, lab[keep])

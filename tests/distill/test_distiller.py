@@ -7,6 +7,7 @@ import copy
 import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -259,15 +260,37 @@ def test_fasterrcnn_r50_teacher_to_retinanet_r18_student(adapter, build, batch, 
     assert math.isfinite(values["loss"])
 
 
+def _numpy_pkd(student_map: np.ndarray, teacher_map: np.ndarray) -> float:
+    """1 - Pearson r per channel (over batch and space), averaged over channels."""
+    rs = [np.corrcoef(student_map[:, c].ravel(), teacher_map[:, c].ravel())[0, 1] for c in range(teacher_map.shape[1])]
+    return float(np.mean(1.0 - np.asarray(rs)))
+
+
 def test_fcos_teacher_to_retinanet_student_with_pkd(adapter, build, batch, sgd):
+    """The logged PKD term equals 10 * sum over P3-P7 of (1 - numpy Pearson r), computed on the
+    FPN maps taken by hooks of this test and the connectors as they were before the step."""
     teacher, student = build("fcos", fpn=64, seed=1), build("retinanet", fpn=32)
     term = DistillTermConfig(method="pkd", pairs=[(f"neck.p{lvl}", f"neck.p{lvl}") for lvl in (3, 4, 5, 6, 7)], weight=10.0)
     distiller = Distiller(student, adapter, [term], Teacher(teacher, adapter))
     opt, sched = sgd(list(student.parameters()) + list(distiller.parameters()))
     for step in range(2):
-        values = train_one_step(student, adapter, batch, step, optimizer=opt, scheduler=sched, distiller=distiller)
-        _assert_positive_finite(values, "loss/kd/pkd")
-        assert values["loss/kd/pkd"] <= 10.0 * 5 * 2  # PKD lies in [0, 2] per level
+        maps: dict[str, list[Tensor]] = {}
+        hooks = [m.backbone.register_forward_hook(lambda _m, _i, out, who=who: maps.__setitem__(who, [v.detach() for v in out.values()]))
+                 for who, m in (("s", student), ("t", teacher))]
+        connectors = copy.deepcopy(distiller.connectors)  # the step updates them
+        try:
+            values = train_one_step(student, adapter, batch, step, optimizer=opt, scheduler=sched, distiller=distiller)
+        finally:
+            for h in hooks:
+                h.remove()
+        assert len(maps["s"]) == len(maps["t"]) == 5
+        expected = 0.0
+        with torch.no_grad():
+            for lvl, (s_map, t_map) in enumerate(zip(maps["s"], maps["t"]), start=3):
+                proj = connectors[Distiller._key("pkd", f"neck.p{lvl}", f"neck.p{lvl}")](s_map, t_map.shape[-2:])
+                expected += _numpy_pkd(proj.double().numpy(), t_map.double().numpy())
+        assert 0.5 < expected / 5 < 1.5  # random nets: weakly correlated maps, a non-trivial value
+        assert values["loss/kd/pkd"] == pytest.approx(10.0 * expected, rel=1e-4), f"step {step}"
 
 
 def test_teacher_sees_a_larger_input(adapter, build, batch, sgd):
@@ -331,6 +354,34 @@ def test_mssd_through_the_distiller(adapter, build, batch, sgd):
     _assert_positive_finite(values, "loss/kd/mssd/mssd_mask")
     assert all(_nonzero(p.grad) for p in adapter_params)
     assert list(student.state_dict().keys()) == plain_keys
+
+
+def test_mssd_terms_through_the_distiller_equal_the_loss_on_hooked_maps(adapter, build, batch):
+    """The Distiller feeds MSSDLoss the FPN/PAN maps, the boxes and the padded input size:
+    its (weighted) terms equal the loss module applied to maps this test hooks itself,
+    with ``mask_weight`` and the term weight both applied."""
+    student = build("yolo_pafpn")
+    term = DistillTermConfig(method="mssd", pairs=MSSD_PAIRS, weight=0.5, params={"mask_weight": 3.0})
+    distiller = Distiller(student, adapter, [term], teacher=None)
+    neck = student.backbone.neck
+    maps: dict[str, Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, k=f"{g}{i}": maps.__setitem__(k, out.detach()))
+             for g in ("fpn", "pan") for i, m in enumerate(getattr(neck, f"{g}_outs"))]
+    student.train()
+    try:
+        with torch.no_grad():
+            losses = distiller(student, batch, 0)
+    finally:
+        for h in hooks:
+            h.remove()
+    loss = distiller.losses["mssd"]
+    assert loss.mask_weight == 3.0
+    with torch.no_grad():
+        want = loss([maps[f"fpn{i}"] for i in range(3)], [maps[f"pan{i}"] for i in range(3)],
+                    [t.boxes for t in batch.targets], tuple(batch.images[0].shape[-2:]))  # 96x128: no padding
+    for part in ("mssd_self", "mssd_mask"):
+        assert float(want[part]) > 0
+        torch.testing.assert_close(losses[f"kd/mssd/{part}"], 0.5 * want[part])
 
 
 def test_mssd_self_term_sends_no_gradient_to_the_fpn_side(adapter, build, batch):

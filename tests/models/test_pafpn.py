@@ -92,3 +92,58 @@ def test_build_rejects_bad_args() -> None:
         build_yolo_pafpn_fcos("vgg", num_classes=2)
     with pytest.raises(ValueError):
         build_yolo_pafpn_fcos("resnet18", num_classes=2, neck_channels=48)
+
+
+def _hooked(neck: PAFPN, x: OrderedDict) -> tuple[OrderedDict, dict[str, torch.Tensor]]:
+    seen: dict[str, torch.Tensor] = {}
+    handles = [neck.get_submodule(f"{g}.{i}").register_forward_hook(
+        lambda _m, _a, o, k=f"{g}.{i}": seen.__setitem__(k, o)) for g in ("fpn_outs", "pan_outs") for i in range(3)]
+    try:
+        out = neck(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_pafpn_values_follow_the_documented_data_flow(norm: str) -> None:
+    """The neck's outputs equal the YOLOv5 PAFPN recomputed here from its blocks: top-down
+    with 2x nearest upsampling and concatenation, then bottom-up with the stride-2 convs."""
+    torch.manual_seed(0)
+    neck = PAFPN([16, 24, 40], out_channels=32, num_blocks=1, norm=norm).eval()
+    x = _inputs()
+    out, seen = _hooked(neck, x)
+    up = lambda t: torch.nn.functional.interpolate(t, scale_factor=2, mode="nearest")  # noqa: E731
+    with torch.no_grad():
+        f5 = neck.fpn_outs[2](x["2"])
+        f4 = neck.fpn_outs[1](torch.cat([up(f5), x["1"]], 1))
+        f3 = neck.fpn_outs[0](torch.cat([up(f4), x["0"]], 1))
+        p3 = neck.pan_outs[0](f3)
+        p4 = neck.pan_outs[1](torch.cat([neck.downs[0](p3), f4], 1))
+        p5 = neck.pan_outs[2](torch.cat([neck.downs[1](p4), f5], 1))
+    for name, want in (("fpn_outs.0", f3), ("fpn_outs.1", f4), ("fpn_outs.2", f5),
+                       ("pan_outs.0", p3), ("pan_outs.1", p4), ("pan_outs.2", p5)):
+        torch.testing.assert_close(seen[name], want, rtol=0, atol=0, msg=name)
+    for key, want in zip(("0", "1", "2"), (p3, p4, p5)):
+        torch.testing.assert_close(out[key], want, rtol=0, atol=0)
+
+
+def test_pafpn_information_flows_top_down_then_bottom_up() -> None:
+    """Changing the finest input (C3) leaves the coarser FPN maps alone (they are top-down only)
+    but reaches every PAN map (the bottom-up path starts at stride 8); changing C5 reaches all."""
+    torch.manual_seed(0)
+    neck = PAFPN([16, 24, 40], out_channels=32, num_blocks=1, norm="gn").eval()
+    x = _inputs()
+    with torch.no_grad():
+        _, base = _hooked(neck, x)
+        x3 = OrderedDict(x)
+        x3["0"] = x["0"] + torch.randn_like(x["0"])
+        _, moved3 = _hooked(neck, x3)
+        x5 = OrderedDict(x)
+        x5["2"] = x["2"] + torch.randn_like(x["2"])
+        _, moved5 = _hooked(neck, x5)
+    changed3 = {k for k in base if not torch.equal(base[k], moved3[k])}
+    changed5 = {k for k in base if not torch.equal(base[k], moved5[k])}
+    assert changed3 == {"fpn_outs.0", "pan_outs.0", "pan_outs.1", "pan_outs.2"}
+    assert changed5 == set(base)
