@@ -1,0 +1,62 @@
+"""The three annotation formats on an in-repo fixture, against boxes written by hand.
+
+``tests/fixtures/formats`` holds two tiny non-square images (48x24 and 20x40 px) with the same
+three boxes in YOLO (``labels/*.txt``, ``list.txt``, ``dataset.yaml``), COCO (``coco.json``,
+category ids 3 and 7) and VOC (``voc/Annotations/*.xml``). The boxes are tall and wide on
+wide and tall images, so a swapped ``cx``/``cy`` or ``w``/``h``, or a width/height mix-up in
+the normalisation, moves them. It needs nothing outside the repository, unlike the
+``../shared`` fixtures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detdistill.data import DetectionSet, load_coco, load_voc, load_yolo
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "formats"
+
+#: file stem -> (width, height, [(class name, x0, y0, x1, y1)]) in pixels, written by hand
+EXPECTED = {
+    "wide": (48, 24, [("cat", 4, 2, 16, 20), ("dog", 30, 6, 46, 12)]),
+    "tall": (20, 40, [("dog", 2, 5, 10, 35)]),
+}
+
+
+def _load(fmt: str) -> DetectionSet:
+    if fmt == "yolo-list":
+        return load_yolo(FIXTURE / "list.txt", classes=FIXTURE / "classes.txt")
+    if fmt == "yolo-yaml":
+        return load_yolo(FIXTURE / "dataset.yaml")
+    if fmt == "yolo-folder":
+        return load_yolo(FIXTURE / "images", classes=["cat", "dog"])
+    if fmt == "coco":
+        return load_coco(FIXTURE / "coco.json", FIXTURE / "images")
+    return load_voc(FIXTURE / "voc", classes=["cat", "dog"])
+
+
+@pytest.mark.parametrize("fmt", ["yolo-list", "yolo-yaml", "yolo-folder", "coco", "voc"])
+def test_every_format_gives_the_hand_written_boxes(fmt: str) -> None:
+    data = _load(fmt)
+    assert data.class_names == ["cat", "dog"]
+    samples = {Path(name).stem: s for name, s in data.by_file_name().items()}
+    assert sorted(samples) == sorted(EXPECTED)
+    for stem, (w, h, boxes) in EXPECTED.items():
+        s = samples[stem]
+        assert (s.width, s.height) == (w, h), stem
+        got = sorted(zip((data.class_names[k] for k in s.labels), map(tuple, s.boxes.tolist())))
+        want = sorted((name, tuple(map(float, b))) for name, *b in boxes)
+        assert [g[0] for g in got] == [x[0] for x in want], f"{fmt} {stem}: labels"
+        np.testing.assert_allclose(np.array([g[1] for g in got]), np.array([x[1] for x in want]), atol=1e-3,
+                                   err_msg=f"{fmt} {stem}: boxes (xyxy px)")
+    r = data.report
+    assert (r.images, r.boxes, r.clipped, r.dropped, r.background) == (2, 3, 0, [], 0)
+
+
+def test_coco_keeps_its_category_ids() -> None:
+    data = load_coco(FIXTURE / "coco.json", FIXTURE / "images")
+    assert data.category_ids == [3, 7]
+    assert {s.image_id for s in data.samples} == {10, 20}
