@@ -8,8 +8,9 @@ ultralytics' batch dict).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -76,37 +77,71 @@ class Detections:
         return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device))
 
 
-@dataclass(frozen=True)
-class TapInfo:
-    """Metadata of a tappable layer, so connectors can size themselves (cf. timm ``feature_info``).
+BoxFormat = Literal["fcos_ltrb", "retinanet_deltas", "yolo_dfl", "cxcywh_norm"]
+
+
+@dataclass
+class TwoStageOutputs:
+    """A two-stage detector's (Faster R-CNN) head outputs in training, for its own loss.
+
+    The region head runs on proposals sampled against the ground truth, so the sampling
+    result travels with the logits (``roi_labels`` / ``roi_regression_targets``).
 
     Attributes:
-        name: the public tap name (``"fpn.p3"`` or a raw module path such as ``"backbone.body.layer2"``).
-        module: dotted path of the hooked module inside the *unwrapped* model.
-        key: for modules returning a dict/tuple, which entry of the output this tap selects
-            (``None``: the output itself).
-        channels: feature channels ``C`` (``0`` when the output is not a feature map).
-        stride: input pixels per feature pixel (``0`` when unknown / not spatial).
-        kind: ``"feature"`` for ``(N, C, H, W)`` maps, ``"other"`` otherwise.
+        rpn_objectness: ``(N, A)`` RPN objectness logits over all anchors of all levels.
+        rpn_deltas: ``(N, A, 4)`` RPN box deltas.
+        anchors: ``N`` tensors ``(A, 4)`` xyxy px.
+        proposals: ``N`` tensors ``(P_i, 4)`` xyxy px, the sampled regions.
+        roi_logits: ``(sum P_i, C + 1)`` class logits, index 0 = background.
+        roi_deltas: ``(sum P_i, 4 * (C + 1))`` class-specific box deltas.
+        roi_labels: ``N`` tensors ``(P_i,)`` sampled targets (0 = background), or ``None``.
+        roi_regression_targets: ``N`` tensors ``(P_i, 4)``, or ``None``.
     """
 
-    name: str
-    module: str
-    key: str | int | None = None
-    channels: int = 0
-    stride: int = 0
-    kind: str = "feature"
+    rpn_objectness: Tensor
+    rpn_deltas: Tensor
+    anchors: list[Tensor]
+    proposals: list[Tensor]
+    roi_logits: Tensor
+    roi_deltas: Tensor
+    roi_labels: list[Tensor] | None = None
+    roi_regression_targets: list[Tensor] | None = None
 
 
 @dataclass
 class RawOutputs:
-    """What logit-level KD needs from a forward pass; framework-neutral.
+    """Raw (before post-processing) outputs of one forward pass, framework-neutral.
+
+    Every field is optional: an adapter fills what its model has, and a KD method reads
+    what it declared it needs. ``A`` counts anchors/points over all levels, finest level
+    first; ``Q`` counts queries.
 
     Attributes:
-        cls_logits: dense-head class logits ``(N, A, C)`` over all anchors/points of all
-            levels (``None`` for heads without dense logits, e.g. two-stage detectors).
-        extra: anything else an adapter exposes (DETR per-layer logits and boxes, ...).
+        cls_logits: dense class logits ``(N, A, C)`` (FCOS, RetinaNet, YOLO).
+        box_preds: dense box predictions ``(N, A, K)`` in ``box_format``.
+        box_format: ``"fcos_ltrb"`` (K = 4, ltrb distances / stride), ``"retinanet_deltas"``
+            (K = 4, dx dy dw dh against the anchor), ``"yolo_dfl"`` (K = 4 * reg_max,
+            distribution logits of ltrb) or ``"cxcywh_norm"`` (K = 4, DETR boxes).
+        box_quality: ``(N, A, 1)`` localisation-quality logits (FCOS centerness).
+        features: the maps the head consumed, ``(N, C, H_l, W_l)`` per level.
+        strides: input pixels per cell of each level in ``features``.
+        layer_logits: per decoder layer, last layer last, ``(N, Q, C)`` (DETR family).
+        layer_boxes: per decoder layer, ``(N, Q, 4)`` cxcywh normalised to the image.
+        queries: decoder output embeddings of the last layer, ``(N, Q, D)``.
+        input_size: ``(H, W)`` of the padded network input.
+        image_sizes: ``(H, W)`` of each image inside the padded input.
+        two_stage: region-head outputs of two-stage detectors.
     """
 
     cls_logits: Tensor | None = None
-    extra: dict[str, object] = field(default_factory=dict)
+    box_preds: Tensor | None = None
+    box_format: BoxFormat | None = None
+    box_quality: Tensor | None = None
+    features: list[Tensor] | None = None
+    strides: list[int] | None = None
+    layer_logits: list[Tensor] | None = None
+    layer_boxes: list[Tensor] | None = None
+    queries: Tensor | None = None
+    input_size: tuple[int, int] | None = None
+    image_sizes: list[tuple[int, int]] | None = None
+    two_stage: TwoStageOutputs | None = None

@@ -11,7 +11,7 @@ from torch import nn
 
 from detdistill.config import DistillTermConfig
 from detdistill.distill.distiller import Distiller, Teacher
-from detdistill.distill.taps import FeatureTaps, TapError, resolve_taps
+from detdistill.taps import FeatureTaps, TapError, TapInfo, resolve_taps
 from detdistill.engine.train import train_one_step
 
 
@@ -24,7 +24,7 @@ def test_unknown_tap_raises_listing_available_names(adapter, build):
     model = build("fcos")
     available = adapter.taps(model)
     with pytest.raises(TapError) as err:
-        resolve_taps(model, available, ["neck.p3", "neck.p33"], role="student")
+        resolve_taps(adapter, model, available, ["neck.p3", "neck.p33"], role="student")
     msg = str(err.value)
     assert "'neck.p33'" in msg and "student" in msg
     for name in available:  # every valid name is offered, so a typo is easy to fix
@@ -34,7 +34,7 @@ def test_unknown_tap_raises_listing_available_names(adapter, build):
 
 def test_raw_module_path_resolves_and_records(adapter, build, batch):
     model = build("fcos")
-    infos = resolve_taps(model, adapter.taps(model), ["backbone.body.layer3", "backbone.layer3"])
+    infos = resolve_taps(adapter, model, adapter.taps(model), ["backbone.body.layer3", "backbone.layer3"])
     raw = infos["backbone.body.layer3"]
     assert raw.module == "backbone.body.layer3" and raw.key is None
     with FeatureTaps(model, infos) as taps:
@@ -49,7 +49,7 @@ def test_raw_module_path_resolves_and_records(adapter, build, batch):
 def test_ddp_module_prefix_raises_with_hint(adapter, build, wrapped_name):
     model = build("fcos")
     with pytest.raises(TapError, match="drop the DDP 'module.' prefix"):
-        resolve_taps(model, adapter.taps(model), [wrapped_name], role="teacher")
+        resolve_taps(adapter, model, adapter.taps(model), [wrapped_name], role="teacher")
 
 
 # ---------------------------------------------------------------- DDP transparency
@@ -72,7 +72,7 @@ def test_taps_record_identically_through_ddp(adapter, build, batch, one_process_
     names = ["neck.p3", "neck.p5", "backbone.layer2", "backbone.body.layer4"]
 
     def record(m: nn.Module) -> tuple[dict, dict]:
-        infos = resolve_taps(m, adapter.taps(m), names)
+        infos = resolve_taps(adapter, m, adapter.taps(m), names)
         with FeatureTaps(m, infos) as taps:
             m.train()
             losses, _ = adapter.forward_train(m, batch)
@@ -108,7 +108,7 @@ def test_distiller_kd_is_the_same_through_ddp(adapter, build, batch, one_process
 # ---------------------------------------------------------------- lifetime of hooks and records
 def test_remove_detaches_every_hook(adapter, build, batch):
     model = build("fcos")
-    infos = resolve_taps(model, adapter.taps(model), ["neck.p3", "neck.p4", "backbone.layer2", "backbone.body.layer3"])
+    infos = resolve_taps(adapter, model, adapter.taps(model), ["neck.p3", "neck.p4", "backbone.layer2", "backbone.body.layer3"])
     modules = _hooked_modules(model, infos)
     assert all(not m._forward_hooks for m in modules)
     taps = FeatureTaps(model, infos)
@@ -126,7 +126,7 @@ def test_remove_detaches_every_hook(adapter, build, batch):
 
 def test_context_manager_removes_hooks(adapter, build, batch):
     model = build("fcos")
-    infos = resolve_taps(model, adapter.taps(model), ["neck.p3"])
+    infos = resolve_taps(adapter, model, adapter.taps(model), ["neck.p3"])
     with FeatureTaps(model, infos) as taps:
         assert model.backbone._forward_hooks
     assert not model.backbone._forward_hooks
@@ -137,7 +137,7 @@ def test_context_manager_removes_hooks(adapter, build, batch):
 
 def test_get_on_an_unreached_tap_raises(adapter, build):
     model = build("fcos")
-    infos = resolve_taps(model, adapter.taps(model), ["neck.p3"])
+    infos = resolve_taps(adapter, model, adapter.taps(model), ["neck.p3"])
     with FeatureTaps(model, infos) as taps, pytest.raises(RuntimeError, match="recorded nothing"):
         taps.get("neck.p3")
 
@@ -145,7 +145,9 @@ def test_get_on_an_unreached_tap_raises(adapter, build):
 def test_module_called_per_level_records_one_entry_per_call(adapter, build, batch):
     model = build("retinanet")
     name = "head.classification_head.conv"  # the shared conv tower, run once per FPN level
-    infos = resolve_taps(model, adapter.taps(model), [name])
+    # resolve_taps measures taps with the head-less feature pass, so a head module is
+    # refused there (see test_unmeasurable_tap_is_an_error_naming_it); FeatureTaps records any module.
+    infos = {name: TapInfo(name, name)}
     with FeatureTaps(model, infos) as taps:
         model.train()
         adapter.forward_train(model, batch)
@@ -190,3 +192,33 @@ def test_student_eval_between_steps_records_nothing(adapter, build, batch, sgd):
     assert all(not recs for recs in distiller._student_taps.records.values())
     values = train_one_step(student, adapter, batch, 1, optimizer=opt, scheduler=sched, distiller=distiller)
     assert values["loss/kd/l2"] > 0 and math.isfinite(values["loss/kd/l2"])
+
+
+def test_unmeasurable_tap_is_an_error_naming_it(adapter, build):
+    """A layer the feature pass never reaches (the head) has no measurable channels: resolving
+    it for KD is an error naming the tap, never a connector silently sized from 0."""
+    model = build("retinanet")
+    with pytest.raises(TapError, match=r"student tap 'head.classification_head.conv'.*cannot tell its channels"):
+        resolve_taps(adapter, model, adapter.taps(model), ["head.classification_head.conv"], role="student")
+
+
+def test_tap_kinds_are_maps_and_token_sequences(adapter, build):
+    """The probe tells (N, C, H, W) maps from (N, L, D) token sequences; the adapters' named
+    taps are maps with a stride."""
+    from detdistill.taps import probe_tap_shapes
+
+    class Tokens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = torch.nn.Conv2d(3, 8, 4, stride=4)
+            self.encoder = torch.nn.Linear(8, 12)
+
+    class TokenAdapter:
+        def forward_features(self, model, images, *, need_head):
+            x = model.backbone(torch.stack(images))
+            return model.encoder(x.flatten(2).transpose(1, 2))  # (N, L, 12)
+
+    shapes = probe_tap_shapes(TokenAdapter(), Tokens(), {"maps": ("backbone", None), "tokens": ("encoder", None)}, size=64)
+    assert shapes == {"maps": (8, 4, "map"), "tokens": (12, 0, "tokens")}
+    infos = adapter.taps(build("fcos"))
+    assert all(i.kind == "map" and i.channels > 0 and i.stride > 0 for i in infos.values())

@@ -8,14 +8,18 @@ talk to models only through a :class:`DetectorAdapter`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor, nn
 
+from ..modules import unwrap
 from ..registry import Registry
-from ..structures import Batch, Detections, RawOutputs, TapInfo
+from ..structures import Batch, Detections, RawOutputs
+from ..taps import TapInfo
+
+__all__ = ["ADAPTERS", "DetectorAdapter", "get_adapter", "unwrap", "no_extra_inputs"]
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -23,7 +27,12 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class DetectorAdapter(Protocol):
-    """One framework's detectors behind a framework-neutral interface."""
+    """One framework's detectors behind a framework-neutral interface.
+
+    A training step runs ``forward_train``; KD methods that need the student's head on
+    other features (ScaleKD's assistant) run ``head`` then ``head_loss``, which together
+    compute exactly what ``forward_train`` computes on the model's own features.
+    """
 
     name: str
 
@@ -36,14 +45,18 @@ class DetectorAdapter(Protocol):
         ...
 
     def taps(self, model: nn.Module) -> dict[str, TapInfo]:
-        """Tappable layers of ``model`` (unwrapped), with channels and stride."""
+        """Tappable layers of ``model`` (unwrapped), with channels, stride and kind."""
         ...
 
-    def forward_train(self, model: nn.Module, batch: Batch, *, need_raw: bool = False) -> tuple[dict[str, Tensor], RawOutputs]:
-        """Task-loss terms and, when ``need_raw``, the head's raw outputs.
+    def forward_train(self, model: nn.Module, batch: Batch, *, need_raw: bool = False,
+                      extra_inputs: Mapping[str, Any] | None = None) -> tuple[dict[str, Tensor], RawOutputs]:
+        """Task-loss terms and the raw outputs.
 
-        ``model`` may be wrapped in DistributedDataParallel: the call goes through
-        the wrapper so gradients are synchronised.
+        The raw outputs always carry the geometry (``input_size``, ``image_sizes``); the
+        head's outputs (logits, boxes, features) only when ``need_raw``. ``extra_inputs``
+        are framework-specific training-only inputs (e.g. an extra query group of a DETR);
+        an adapter that takes none raises on them. ``model`` may be wrapped in
+        DistributedDataParallel: the call goes through the wrapper so gradients sync.
         """
         ...
 
@@ -53,6 +66,16 @@ class DetectorAdapter(Protocol):
         Taps registered on ``model`` record as usual; the return carries raw head
         outputs when ``need_head``.
         """
+        ...
+
+    def head(self, model: nn.Module, features: list[Tensor], raw: RawOutputs, batch: Batch | None = None) -> RawOutputs:
+        """The model's own detection head on ``features`` (one map per level, the shapes of the
+        model's neck outputs); ``raw`` supplies the geometry (``input_size``, ``image_sizes``).
+        Two-stage heads sample their regions against ``batch``'s targets, as in training."""
+        ...
+
+    def head_loss(self, model: nn.Module, raw: RawOutputs, batch: Batch) -> dict[str, Tensor]:
+        """The task loss of head outputs from :meth:`head` against ``batch``'s targets."""
         ...
 
     def predict(self, model: nn.Module, images: list[Tensor]) -> list[Detections]:
@@ -68,56 +91,25 @@ ADAPTERS: Registry[DetectorAdapter] = Registry("detector framework")
 
 
 def get_adapter(framework: str) -> DetectorAdapter:
-    """The adapter for ``framework`` (e.g. ``"torchvision"``), importing optional ones lazily."""
-    if framework not in ADAPTERS:
-        # Adapters with optional dependencies register on import; import them on demand.
-        import importlib
+    """The adapter for ``framework`` (e.g. ``"torchvision"``).
 
-        module = {"torchvision": "torchvision", "ultralytics": "ultralytics", "transformers": "transformers"}.get(framework)
-        if module is not None:
+    Adapters register where they are defined, in ``adapters/<framework>.py``; one whose
+    optional dependency is not installed is imported (and so registered) on first use.
+    """
+    if framework not in ADAPTERS and framework.isidentifier():
+        import importlib
+        import importlib.util
+
+        module = f"{__package__}.{framework}"
+        if importlib.util.find_spec(module) is not None:
             try:
-                importlib.import_module(f"{__package__}.{module}")
+                importlib.import_module(module)
             except ImportError as err:
                 raise ImportError(f"detector framework {framework!r} needs an optional dependency: {err}") from err
     return ADAPTERS.get(framework)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DistributedDataParallel / DataParallel wrappers.
-
-    Every layer lookup goes through this, so tap names never carry a ``module.``
-    prefix (the classic silent-zero-KD-loss bug under DDP).
-    """
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
-@torch.no_grad()
-def probe_tap_shapes(adapter: DetectorAdapter, model: nn.Module, taps: dict[str, tuple[str, str | int | None]],
-                     size: int = 256) -> dict[str, tuple[int, int]]:
-    """``{name: (channels, stride)}`` of each ``(module path, output key)`` from one dry forward.
-
-    Runs ``adapter.forward_features`` (no head) on a blank ``size``x``size`` image in eval
-    mode; a tap that pass does not reach, or whose output is not an ``(N, C, H, W)`` map,
-    gets ``(0, 0)``. Every adapter and the Distiller size their taps with this one probe.
-    """
-    bare = unwrap(model)
-    found: dict[str, tuple[int, int]] = {}
-    handles = []
-    for name, (module, key) in taps.items():
-        def hook(_m: nn.Module, _i: Any, out: Any, name: str = name, key: str | int | None = key) -> None:
-            t = out[key] if key is not None else out
-            found[name] = (int(t.shape[1]), size // int(t.shape[-1])) if isinstance(t, Tensor) and t.dim() == 4 else (0, 0)
-        handles.append(bare.get_submodule(module).register_forward_hook(hook))
-    was_training = bare.training
-    bare.eval()
-    try:
-        param = next(bare.parameters(), None)
-        adapter.forward_features(bare, [torch.zeros(3, size, size, device=param.device if param is not None else None)],
-                                 need_head=False)
-    finally:
-        bare.train(was_training)
-        for h in handles:
-            h.remove()
-    return {name: found.get(name, (0, 0)) for name in taps}
+def no_extra_inputs(adapter: str, extra_inputs: Mapping[str, Any] | None) -> None:
+    """Refuse training-only extra inputs in an adapter whose models take none."""
+    if extra_inputs:
+        raise ValueError(f"the {adapter} adapter's models take no extra training inputs; got {sorted(extra_inputs)}")
