@@ -17,6 +17,7 @@ from detdistill.adapters.base import get_adapter
 from detdistill.config import ModelConfig, TrainConfig
 from detdistill.engine.optim import build_optimizer, build_scheduler
 from detdistill.engine.train import train_one_step
+from detdistill.models import torchvision_detectors
 from detdistill.structures import Batch, Target
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -206,6 +207,8 @@ def test_export_loads_in_plain_torchvision_with_identical_outputs(tmp_path):
         assert weights == out_dir / "model.safetensors" and (out_dir / "model.json").is_file()
         loader = (out_dir / "load_model.py").read_text()
         assert "import detdistill" not in loader and "from detdistill" not in loader
+        # the loader is the package's own builder module, copied: the code that trained it
+        assert loader == Path(torchvision_detectors.__file__).read_text()
         assert set(load_file(str(weights))) == set(model.state_dict())
         expected[arch] = ADAPTER.predict(model, [image])[0]
         folders.append(out_dir)

@@ -173,7 +173,9 @@ def test_train_step_returns_separate_finite_terms_and_updates(adapter: Ultralyti
     assert all(v.dim() == 0 and torch.isfinite(v) and v.requires_grad for v in losses.values())
     assert float(losses["box"].detach()) > 0 and float(losses["cls"].detach()) > 0
     assert raw.cls_logits.shape == (2, 8 * 8 + 4 * 4 + 2 * 2, 3)
-    assert raw.extra["box_dist"].shape == (2, 84, 64)
+    assert raw.box_preds.shape == (2, 84, 64) and raw.box_format == "yolo_dfl"  # 4 x reg_max 16 DFL logits
+    assert raw.input_size == (64, 64) and raw.image_sizes == [(64, 64), (64, 64)] and raw.strides == [8, 16, 32]
+    assert [tuple(f.shape[-2:]) for f in raw.features] == [(8, 8), (4, 4), (2, 2)]
     # per batch: ultralytics' own criterion returns the same terms times the batch size
     from detdistill.adapters.ultralytics import _criterion, _targets
 
@@ -397,7 +399,8 @@ def test_distillation_steps_yolov8s_to_yolov8n(adapter: UltralyticsAdapter) -> N
     pairs = [("neck.p3", "neck.p3"), ("neck.p4", "neck.p4"), ("neck.p5", "neck.p5")]
     distiller = Distiller(student, adapter, [DistillTermConfig(method="pkd", pairs=pairs)],
                           teacher=Teacher(teacher, adapter))
-    assert len(distiller.connectors) == 3  # 64/128/256 -> 128/256/512 channels
+    connectors = distiller.method("pkd").connectors
+    assert len(connectors) == 3  # 64/128/256 -> 128/256/512 channels
     opt = torch.optim.SGD(list(student.parameters()) + list(distiller.parameters()), lr=0.01)
     losses = distiller(student, _batch(), step=0)
     hook.remove()
@@ -405,7 +408,7 @@ def test_distillation_steps_yolov8s_to_yolov8n(adapter: UltralyticsAdapter) -> N
     assert all(torch.isfinite(v) for v in losses.values()) and float(losses["kd/pkd"].detach()) > 0
     assert head_calls == []  # the teacher stopped after its neck
     sum(losses.values()).backward()
-    assert all(p.grad is not None for p in distiller.connectors.parameters())
+    assert all(p.grad is not None for p in connectors.parameters())
     assert all(p.grad is None for p in teacher.parameters())
     opt.step()
 
@@ -428,7 +431,7 @@ def test_distillation_steps_yolov8s_to_yolov8n(adapter: UltralyticsAdapter) -> N
 
 def test_mssd_self_distillation_on_fpn_pan_pairs(adapter: UltralyticsAdapter) -> None:
     from detdistill.distill.distiller import Distiller
-    from detdistill.distill.taps import FeatureTaps
+    from detdistill.taps import FeatureTaps
     from detdistill.losses.mssd import MSSDLoss
 
     torch.manual_seed(0)

@@ -35,7 +35,6 @@ Supported heads: the plain anchor-free ``Detect`` (one-to-many, NMS). End-to-end
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -81,7 +80,8 @@ def _undo_import_patches() -> None:
         os.environ.pop("OMP_NUM_THREADS", None)
 
 
-from safetensors.torch import save_file  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+
 from torch import Tensor, nn  # noqa: E402
 from ultralytics.nn.modules.head import Detect  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
@@ -95,8 +95,12 @@ except ImportError:  # pragma: no cover - depends on the installed version
 _undo_import_patches()
 
 from ..config import ModelConfig  # noqa: E402
-from ..structures import Batch, Detections, RawOutputs, TapInfo  # noqa: E402
-from .base import ADAPTERS, probe_tap_shapes, unwrap  # noqa: E402
+from ..models import ultralytics_loader  # noqa: E402
+from ..modules import unwrap  # noqa: E402
+from ..structures import Batch, Detections, RawOutputs  # noqa: E402
+from ..taps import TapInfo, probe_tap_shapes  # noqa: E402
+from .base import ADAPTERS, no_extra_inputs  # noqa: E402
+from .export import write_export  # noqa: E402
 from .weights import load_weights, read_state_dict  # noqa: E402
 
 __all__ = ["UltralyticsAdapter"]
@@ -245,13 +249,20 @@ def _head_dict(out: Any) -> dict[str, Any]:
     return out
 
 
-def _raw(head: dict[str, Any], size: tuple[int, int], strides: list[int]) -> RawOutputs:
-    """Framework-neutral raw outputs: class logits ``(N, A, C)`` over all levels, finest level first."""
-    return RawOutputs(
-        cls_logits=head["scores"].permute(0, 2, 1),
-        extra={"box_dist": head["boxes"].permute(0, 2, 1),  # (N, A, 4 * reg_max) DFL logits, ltrb
-               "feats": head["feats"], "strides": strides, "input_size": size},
-    )
+def _with_head(raw: RawOutputs, head: dict[str, Any], strides: list[int]) -> RawOutputs:
+    """``raw`` plus the Detect outputs: ``(N, A, C)`` class logits, ``(N, A, 4 * reg_max)`` DFL box
+    logits over all levels (finest first), and the maps the head consumed."""
+    raw.cls_logits = head["scores"].permute(0, 2, 1)
+    raw.box_preds = head["boxes"].permute(0, 2, 1)
+    raw.box_format = "yolo_dfl"
+    raw.features = list(head["feats"])
+    raw.strides = strides
+    return raw
+
+
+def _geometry(x: Tensor, images: list[Tensor]) -> RawOutputs:
+    return RawOutputs(input_size=(int(x.shape[-2]), int(x.shape[-1])),
+                      image_sizes=[(int(im.shape[-2]), int(im.shape[-1])) for im in images])
 
 
 # One loss object per (bare) model: the criterion holds the assigner and anchors' device.
@@ -266,6 +277,21 @@ def _criterion(model: nn.Module) -> v8DetectionLoss:
         crit = v8DetectionLoss(model)
         _CRITERIA[model] = crit
     return crit
+
+
+def _strides(model: nn.Module) -> list[int]:
+    return [int(s) for s in model.stride.tolist()]
+
+
+def _loss_terms(model: nn.Module, head: dict[str, Any], batch: Batch, size: tuple[int, int]) -> dict[str, Tensor]:
+    """ultralytics' (box, cls, dfl) loss of a head dict, per batch (it returns them times the batch size)."""
+    n = int(head["scores"].shape[0])
+    total, _ = _criterion(model)(head, _targets(batch, size, head["scores"].device))
+    terms = total.reshape(-1) / n
+    if terms.numel() != len(_LOSS_TERMS):
+        raise RuntimeError(f"ultralytics {ultralytics.__version__}: v8DetectionLoss returned {terms.numel()} terms, "
+                           "expected (box, cls, dfl)")
+    return dict(zip(_LOSS_TERMS, terms.unbind()))
 
 
 def _run_layers(model: nn.Module, x: Tensor, stop: int) -> Tensor | Any:
@@ -417,21 +443,17 @@ class UltralyticsAdapter:
         return out
 
     # ---- forward passes ---------------------------------------------------------
-    def forward_train(self, model: nn.Module, batch: Batch, *, need_raw: bool = False) -> tuple[dict[str, Tensor], RawOutputs]:
+    def forward_train(self, model: nn.Module, batch: Batch, *, need_raw: bool = False,
+                      extra_inputs: Mapping[str, Any] | None = None) -> tuple[dict[str, Tensor], RawOutputs]:
         """``{"box", "cls", "dfl"}``: ultralytics' gain-weighted terms, per batch (not times the batch size)."""
+        no_extra_inputs(self.name, extra_inputs)
         bare = unwrap(model)
         _detect(bare)
         x, size = _stack(batch.images, _max_stride(bare))
         head = _head_dict(model(x))  # through DDP, so gradients synchronise
-        crit = _criterion(bare)
-        total, _ = crit(head, _targets(batch, size, x.device))
-        terms = total.reshape(-1) / x.shape[0]  # ultralytics returns (box, cls, dfl) * batch size
-        if terms.numel() != len(_LOSS_TERMS):
-            raise RuntimeError(f"ultralytics {ultralytics.__version__}: v8DetectionLoss returned {terms.numel()} terms, "
-                               "expected (box, cls, dfl)")
-        losses = dict(zip(_LOSS_TERMS, terms.unbind()))
-        raw = _raw(head, size, [int(s) for s in bare.stride.tolist()]) if need_raw else RawOutputs(extra={"input_size": size})
-        return losses, raw
+        losses = _loss_terms(bare, head, batch, size)
+        raw = _geometry(x, batch.images)
+        return losses, _with_head(raw, head, _strides(bare)) if need_raw else raw
 
     def forward_features(self, model: nn.Module, images: list[Tensor], *, need_head: bool) -> RawOutputs:
         """Runs the layers up to the last Detect input (the neck) only, or the whole model with ``need_head``.
@@ -440,12 +462,30 @@ class UltralyticsAdapter:
         """
         bare = unwrap(model)
         detect = _detect(bare)
-        x, size = _stack(images, _max_stride(bare))
+        x, _ = _stack(images, _max_stride(bare))
         stop = detect.i if need_head else max(detect.f)
         out = _run_layers(bare, x, stop)
         if not need_head:
-            return RawOutputs(extra={"input_size": size})
-        return _raw(_head_dict(out), size, [int(s) for s in bare.stride.tolist()])
+            return _geometry(x, images)
+        return _with_head(_geometry(x, images), _head_dict(out), _strides(bare))
+
+    def head(self, model: nn.Module, features: list[Tensor], raw: RawOutputs, batch: Batch | None = None) -> RawOutputs:
+        """The Detect head on ``features`` (one map per Detect input, finest first)."""
+        bare = unwrap(model)
+        detect = _detect(bare)
+        if raw.input_size is None or raw.image_sizes is None:
+            raise ValueError("head() needs the geometry of the input: pass the RawOutputs of forward_train/forward_features")
+        if len(features) != detect.nl:
+            raise ValueError(f"the Detect head takes {detect.nl} maps, got {len(features)}")
+        out = _head_dict(detect(list(features)))  # a copy: Detect may rebind its list's entries
+        return _with_head(RawOutputs(input_size=raw.input_size, image_sizes=raw.image_sizes), out, _strides(bare))
+
+    def head_loss(self, model: nn.Module, raw: RawOutputs, batch: Batch) -> dict[str, Tensor]:
+        """ultralytics' own loss of :meth:`head` outputs: the terms ``forward_train`` returns."""
+        if raw.cls_logits is None or raw.box_preds is None or raw.features is None or raw.input_size is None:
+            raise ValueError("head_loss needs the outputs of head() (cls_logits, box_preds, features, input_size)")
+        head = {"boxes": raw.box_preds.permute(0, 2, 1), "scores": raw.cls_logits.permute(0, 2, 1), "feats": raw.features}
+        return _loss_terms(unwrap(model), head, batch, raw.input_size)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, images: list[Tensor]) -> list[Detections]:
@@ -485,21 +525,14 @@ class UltralyticsAdapter:
     # ---- export -----------------------------------------------------------------
     def export(self, model: nn.Module, cfg: ModelConfig, num_classes: int, out_dir: Path) -> Path:
         """``model.safetensors`` + ``model.json`` (the full model YAML) + ``load_model.py`` (ultralytics only)."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         bare = unwrap(model)
         _detect(bare)
-        state = {k: v.detach().cpu().contiguous() for k, v in bare.state_dict().items()}
-        weights = out_dir / "model.safetensors"
-        save_file(state, str(weights), metadata={"format": "pt", "framework": "ultralytics", "arch": cfg.arch})
         spec = {"framework": "ultralytics", "arch": cfg.arch, "num_classes": num_classes,
                 "ultralytics_version": ultralytics.__version__, "yaml": copy.deepcopy(bare.yaml),
                 "score_thresh": cfg.score_thresh, "nms_thresh": cfg.nms_thresh, "detections_per_img": cfg.detections_per_img,
                 "input": "RGB float in [0, 1], native resolution, padded bottom/right to a multiple of "
                          f"{_max_stride(bare)} with {PAD_VALUE:.4f}"}
-        (out_dir / "model.json").write_text(json.dumps(spec, indent=2))
-        (out_dir / "load_model.py").write_text(_STANDALONE_LOADER)
-        return weights
+        return write_export(bare, out_dir, spec, ultralytics_loader)
 
 
 ADAPTERS.add("ultralytics", UltralyticsAdapter())
@@ -539,59 +572,7 @@ def _fpn_lateral(model: nn.Module, idx: int, shapes: dict[int, tuple[int, int]])
 
 
 def _probe(adapter: UltralyticsAdapter, model: nn.Module) -> dict[int, tuple[int, int]]:
-    """(channels, stride) of every layer up to the neck, from one dry forward on a blank image."""
+    """(channels, stride) of every map-producing layer up to the neck, from one dry forward on a blank image."""
     shapes = probe_tap_shapes(adapter, model, {str(m.i): (f"model.{m.i}", None) for m in model.model},
                               size=max(64, 2 * _max_stride(model)))
-    return {int(i): cs for i, cs in shapes.items() if cs != (0, 0)}
-
-
-# Written next to every exported student: loads it with torch + ultralytics only.
-_STANDALONE_LOADER = '''"""Load this exported student with torch + ultralytics only (no detdistill needed).
-
-    python load_model.py   # rebuilds the DetectionModel from model.json and loads model.safetensors (strict)
-
-Inputs: RGB float tensors in [0, 1] at native resolution (the model was trained without
-resizing), padded bottom/right to a multiple of the model's largest stride.
-"""
-import json
-import os
-from pathlib import Path
-
-os.environ.setdefault("YOLO_OFFLINE", "1")  # skip ultralytics' import-time network probe
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from ultralytics.nn.tasks import DetectionModel  # noqa: E402
-
-try:
-    from ultralytics.utils.nms import non_max_suppression  # noqa: E402
-except ImportError:
-    from ultralytics.utils.ops import non_max_suppression  # noqa: E402
-
-
-def load(folder="."):
-    folder = Path(folder)
-    spec = json.loads((folder / "model.json").read_text())
-    model = DetectionModel(cfg=spec["yaml"], nc=spec["num_classes"], verbose=False)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-    return model.eval()
-
-
-@torch.no_grad()
-def detect(model, image, score_thresh=0.05, nms_thresh=0.6, max_det=100):
-    """(boxes xyxy px, scores, labels) for one (3, H, W) float image in [0, 1]."""
-    s = int(model.stride.max())
-    h, w = image.shape[-2:]
-    x = F.pad(image, (0, -w % s, 0, -h % s), value=114 / 255)[None]
-    det = non_max_suppression(model(x)[0], conf_thres=score_thresh, iou_thres=nms_thresh, multi_label=True,
-                              max_det=max_det, nc=model.model[-1].nc)[0]
-    boxes = det[:, :4].clone()
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-    return boxes, det[:, 4], det[:, 5].long()
-
-
-if __name__ == "__main__":
-    print(type(load(Path(__file__).parent)).__name__, "loaded")
-'''
+    return {int(i): (c, s) for i, (c, s, kind) in shapes.items() if kind == "map"}

@@ -1,0 +1,48 @@
+"""The one export skeleton every adapter uses: weights, spec and a standalone loader.
+
+An exported student is a folder that loads without detdistill:
+
+- ``model.safetensors``: the bare model's state dict (no pickle, no code);
+- ``model.json``: the spec its loader rebuilds the architecture from;
+- ``load_model.py``: a copy of a real module of this package that depends only on the
+  framework (e.g. :mod:`detdistill.models.torchvision_detectors`), so the exported loader
+  is the same code that is linted and tested here;
+- companion modules the loader imports from beside itself (e.g. ``pafpn.py``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+
+def write_export(model: nn.Module, out_dir: str | Path, spec: dict[str, Any], loader: ModuleType,
+                 companions: Sequence[ModuleType] = ()) -> Path:
+    """Write ``model`` (bare, not DDP-wrapped) with ``spec`` and the ``loader`` module; return the weights path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = out_dir / "model.safetensors"
+    save_file(state, str(weights), metadata={"format": "pt", "framework": str(spec.get("framework")),
+                                             "arch": str(spec.get("arch"))})
+    (out_dir / "model.json").write_text(json.dumps(spec, indent=2))
+    shutil.copyfile(_source(loader), out_dir / "load_model.py")
+    for module in companions:
+        src = _source(module)
+        shutil.copyfile(src, out_dir / src.name)
+    return weights
+
+
+def _source(module: ModuleType) -> Path:
+    path = inspect.getsourcefile(module)
+    if path is None:
+        raise RuntimeError(f"cannot find the source file of {module.__name__} to ship with the export")
+    return Path(path)
