@@ -30,12 +30,10 @@ def test_run_config_validates_and_its_student_taps_exist(path: Path, single_thre
     model = get_adapter(cfg.model.framework).build(cfg.model, 4)
     taps = get_adapter(cfg.model.framework).taps(model)
     for term in cfg.distill:
-        spec = METHODS.get(term.method)
-        assert term.pairs or spec.kind == "logit", f"{path.name}: {term.method} needs layer pairs"
-        student_side = [s for s, _ in term.pairs] + ([t for _, t in term.pairs] if spec.kind == "self" else [])
-        missing = [name for name in student_side if name not in taps]
+        needs = METHODS.get(term.method).needs(term)  # raises on a term without the pairs it needs
+        missing = [name for name in needs.student_taps if name not in taps]
         assert not missing, f"{path.name}: {missing} are not taps of {cfg.model.arch} ({sorted(taps)})"
-        if spec.kind != "self":
+        if needs.teacher:
             assert cfg.teacher is not None, f"{path.name}: {term.method} needs a teacher checkpoint"
 
 

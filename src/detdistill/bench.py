@@ -83,7 +83,9 @@ def _run_config(spec: BenchSpec, method: BenchMethod, seed: int, run_dir: Path) 
     cfg = cfg.model_copy(update={"name": f"{method.name}_seed{seed}", "output_dir": str(run_dir),
                                  "distill": method.distill})
     if method.distill:
-        if not spec.teacher_checkpoint and any(t.method != "mssd" for t in method.distill):
+        from .distill.methods import METHODS  # torch-heavy: only when a spec has KD terms
+
+        if not spec.teacher_checkpoint and any(METHODS.get(t.method).needs(t).teacher for t in method.distill):
             raise ConfigError(f"method {method.name!r} needs `teacher_checkpoint` in the bench spec")
         if spec.teacher_checkpoint:
             cfg = cfg.model_copy(update={"teacher": TeacherConfig(checkpoint=spec.teacher_checkpoint,

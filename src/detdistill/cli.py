@@ -34,7 +34,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .data.transforms import EvalTransform
     from .engine.evaluate import evaluate
     from .engine.restore import restore_model
-    from .engine.train import load_split, resolve_device
+    from .data.splits import load_split
+    from .engine.device import resolve_device
     from .config import load_config
     from .report.tables import format_metrics_table
 
@@ -98,10 +99,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("detector frameworks and architectures:")
     for name in ADAPTERS:
         print(f"  {name}: {', '.join(ADAPTERS.get(name).archs())}")
-    print("distillation methods (method: kind, default weight, paper):")
+    print("distillation methods (method: family, default weight, paper):")
     for name in METHODS:
-        spec = METHODS.get(name)
-        print(f"  {name:<6} {spec.kind:<8} w={spec.default_weight:<5} {spec.paper}")
+        method = METHODS.get(name)
+        print(f"  {name:<6} {method.family:<8} w={method.default_weight:<5} {method.paper}")
     print("use `detdistill list --model fcos --backbone resnet18` for a model's tappable layers")
     return 0
 

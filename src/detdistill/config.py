@@ -128,7 +128,7 @@ class DistillTermConfig(_Strict):
     method: str
     name: str | None = None
     pairs: list[tuple[str, str]] = Field(default_factory=list)
-    weight: float = Field(1.0, ge=0.0)
+    weight: float | None = Field(None, ge=0.0)  # None: the method's default_weight (`detdistill list`)
     warmup_steps: int = Field(0, ge=0)
     connector: Literal["auto", "conv1x1", "conv1x1_bn", "none"] = "auto"
     params: dict[str, Any] = Field(default_factory=dict)

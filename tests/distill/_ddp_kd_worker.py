@@ -92,8 +92,8 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         if rank == 1:
             real = adapter.forward_train
 
-            def nan_forward(m: nn.Module, b: Batch, *, need_raw: bool = False) -> Any:
-                losses, raw = real(m, b, need_raw=need_raw)
+            def nan_forward(m: nn.Module, b: Batch, **kwargs: Any) -> Any:
+                losses, raw = real(m, b, **kwargs)
                 losses[NAN_TERM] = losses[NAN_TERM] * float("nan")
                 return losses, raw
 

@@ -43,6 +43,12 @@ def batch() -> Batch:
 
 
 @pytest.fixture(scope="session")
+def batch_maker() -> Callable[..., Batch]:
+    """:func:`make_batch` itself, for tests that need several batches (``batch_maker(seed=1)``)."""
+    return make_batch
+
+
+@pytest.fixture(scope="session")
 def build(adapter: DetectorAdapter) -> Callable[..., nn.Module]:
     """``build(arch, backbone=..., fpn=32, norm='bn', head_convs=None, seed=0)``: a seeded, tiny detector."""
 

@@ -14,19 +14,28 @@ from torch import Tensor, nn
 
 from detdistill.config import DistillTermConfig
 from detdistill.distill.connectors import Connector
+from detdistill.distill.methods.feature import connector_key
 from detdistill.distill.distiller import Distiller, Teacher
 from detdistill.distill.methods import METHODS
 from detdistill.engine.train import train_one_step
 
-TEACHER_METHODS = [n for n in METHODS.names() if METHODS.get(n).needs_teacher]
+TEACHER_METHODS = [n for n in METHODS.names() if METHODS.get(n).family != "self"]
 FEATURE_PAIRS = [("neck.p3", "neck.p3"), ("neck.p4", "neck.p4")]
 MSSD_PAIRS = [(f"fpn.p{lvl}", f"pan.p{lvl}") for lvl in (3, 4, 5)]
 
 
 def _term(method: str, **kw) -> DistillTermConfig:
-    spec = METHODS.get(method)
-    pairs = FEATURE_PAIRS if spec.kind == "feature" else []
-    return DistillTermConfig(method=method, pairs=kw.pop("pairs", pairs), weight=kw.pop("weight", spec.default_weight), **kw)
+    pairs = FEATURE_PAIRS if METHODS.get(method).family == "feature" else []
+    return DistillTermConfig(method=method, pairs=kw.pop("pairs", pairs), **kw)
+
+
+def _connectors(distiller: Distiller) -> list[Connector]:
+    """Every connector of every method, in build order."""
+    return [m for m in distiller.modules() if isinstance(m, Connector)]
+
+
+def _connector(distiller: Distiller, label: str, s: str, t: str) -> Connector:
+    return distiller.method(label).connectors[connector_key(s, t)]
 
 
 def _nonzero(g: Tensor | None) -> bool:
@@ -55,7 +64,7 @@ def pair(build):
 # ---------------------------------------------------------------- invariants of one step, per method
 @pytest.mark.parametrize("method", TEACHER_METHODS)
 def test_one_step_invariants(method, adapter, build, batch, sgd):
-    spec = METHODS.get(method)
+    family = METHODS.get(method).family
     student, teacher = build("fcos"), build("fcos", fpn=64, seed=1)
     teacher.train()  # the Distiller itself must freeze it
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -64,9 +73,9 @@ def test_one_step_invariants(method, adapter, build, batch, sgd):
     distiller = Distiller(student, adapter, [_term(method)], Teacher(teacher, adapter))
     assert not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
-    conn_params = list(distiller.connectors.parameters())
-    if spec.kind == "feature":  # 32 -> 64 channels: one 1x1 conv per pair
-        assert len(distiller.connectors) == len(FEATURE_PAIRS) and conn_params
+    conn_params = [p for c in _connectors(distiller) for p in c.parameters()]
+    if family == "feature":  # 32 -> 64 channels: one 1x1 conv per pair
+        assert len(_connectors(distiller)) == len(FEATURE_PAIRS) and conn_params
     else:
         assert not conn_params
 
@@ -136,14 +145,14 @@ def test_term_needing_a_teacher_without_one_raises(method, adapter, pair):
 
 @pytest.mark.parametrize("method", METHODS.names())
 def test_unknown_params_raise_naming_the_allowed_ones(method, adapter, build, pair):
-    spec = METHODS.get(method)
-    extra = {"channels", "num_scales", "strides"} if spec.kind == "self" else set()  # filled in by the Distiller
-    allowed = [p for p in inspect.signature(spec.loss.__init__).parameters
+    cls = METHODS.get(method)
+    extra = {"channels", "num_scales", "strides"} if cls.family == "self" else set()  # filled in by the method
+    allowed = [p for p in inspect.signature(cls.params_signature()).parameters
                if p not in ("self", "args", "kwargs") and p not in extra]
-    if spec.kind == "self":
+    if cls.family == "self":
         student, teacher, pairs = build("yolo_pafpn"), None, MSSD_PAIRS
     else:
-        (student, t_model), pairs = pair, (FEATURE_PAIRS if spec.kind == "feature" else [])
+        (student, t_model), pairs = pair, (FEATURE_PAIRS if cls.family == "feature" else [])
         teacher = Teacher(t_model, adapter)
     term = DistillTermConfig(method=method, pairs=pairs, params={"no_such_param": 1})
     with pytest.raises(ValueError) as err:
@@ -160,8 +169,8 @@ def test_known_params_reach_the_loss(adapter, pair):
     student, teacher = pair
     distiller = Distiller(student, adapter, [_term("pkd", params={"eps": 1e-4}), _term("kl", params={"temperature": 2.0})],
                           Teacher(teacher, adapter))
-    assert distiller.losses["pkd"].eps == 1e-4
-    assert distiller.losses["kl"].temperature == 2.0
+    assert distiller.method("pkd").loss_fn.eps == 1e-4
+    assert distiller.method("kl").loss_fn.temperature == 2.0
 
 
 def test_connector_none_with_different_channels_raises(adapter, pair):
@@ -183,7 +192,7 @@ def test_raw_module_paths_work_in_feature_terms(adapter, build, batch):
     distiller = Distiller(student, adapter, [term], Teacher(teacher, adapter))
     info_s, info_t = distiller.s_info["backbone.body.layer3"], distiller.t_info["backbone.body.layer3"]
     assert (info_s.channels, info_s.stride, info_t.channels, info_t.stride) == (256, 16, 1024, 16)
-    conn = next(iter(distiller.connectors.values()))
+    conn = _connectors(distiller)[0]
     assert (conn.proj.in_channels, conn.proj.out_channels) == (256, 1024)
     student.train()
     kd = distiller(student, batch, 0)["kd/l2"]
@@ -242,10 +251,10 @@ def test_fasterrcnn_r50_teacher_to_retinanet_r18_student(adapter, build, batch, 
     terms = [DistillTermConfig(method="pkd", pairs=[(f"neck.p{lvl}", f"neck.p{lvl}") for lvl in (3, 4, 5)], weight=10.0),
              DistillTermConfig(method="l2", name="cross_stride", pairs=[("neck.p4", "neck.p3")])]
     distiller = Distiller(student, adapter, terms, Teacher(teacher, adapter))
-    assert len(distiller.connectors) == 4
-    for conn in distiller.connectors.values():
+    assert len(_connectors(distiller)) == 4
+    for conn in _connectors(distiller):
         assert conn.mode == "conv1x1" and (conn.proj.in_channels, conn.proj.out_channels) == (32, 64)
-    cross = distiller.connectors[Distiller._key("cross_stride", "neck.p4", "neck.p3")]
+    cross = _connector(distiller, "cross_stride", "neck.p4", "neck.p3")
     seen: list = []
     handle = _capture_output_shapes(cross, seen)
     opt, sched = sgd(list(student.parameters()) + list(distiller.parameters()))
@@ -277,7 +286,7 @@ def test_fcos_teacher_to_retinanet_student_with_pkd(adapter, build, batch, sgd):
         maps: dict[str, list[Tensor]] = {}
         hooks = [m.backbone.register_forward_hook(lambda _m, _i, out, who=who: maps.__setitem__(who, [v.detach() for v in out.values()]))
                  for who, m in (("s", student), ("t", teacher))]
-        connectors = copy.deepcopy(distiller.connectors)  # the step updates them
+        connectors = copy.deepcopy(distiller.method("pkd").connectors)  # the step updates them
         try:
             values = train_one_step(student, adapter, batch, step, optimizer=opt, scheduler=sched, distiller=distiller)
         finally:
@@ -287,7 +296,7 @@ def test_fcos_teacher_to_retinanet_student_with_pkd(adapter, build, batch, sgd):
         expected = 0.0
         with torch.no_grad():
             for lvl, (s_map, t_map) in enumerate(zip(maps["s"], maps["t"]), start=3):
-                proj = connectors[Distiller._key("pkd", f"neck.p{lvl}", f"neck.p{lvl}")](s_map, t_map.shape[-2:])
+                proj = connectors[connector_key(f"neck.p{lvl}", f"neck.p{lvl}")](s_map, t_map.shape[-2:])
                 expected += _numpy_pkd(proj.double().numpy(), t_map.double().numpy())
         assert 0.5 < expected / 5 < 1.5  # random nets: weakly correlated maps, a non-trivial value
         assert values["loss/kd/pkd"] == pytest.approx(10.0 * expected, rel=1e-4), f"step {step}"
@@ -300,7 +309,7 @@ def test_teacher_sees_a_larger_input(adapter, build, batch, sgd):
     teacher_inputs: list = []
     conn_shapes: list = []
     hooks = [teacher.backbone.register_forward_pre_hook(lambda _m, inp: teacher_inputs.append(tuple(inp[0].shape))),
-             _capture_output_shapes(distiller.connectors[Distiller._key("pkd", "neck.p3", "neck.p3")], conn_shapes)]
+             _capture_output_shapes(_connector(distiller, "pkd", "neck.p3", "neck.p3"), conn_shapes)]
     opt, sched = sgd(list(student.parameters()) + list(distiller.parameters()))
     try:
         values = train_one_step(student, adapter, batch, 0, optimizer=opt, scheduler=sched, distiller=distiller)
@@ -319,7 +328,7 @@ def test_identical_student_gives_zero_feature_loss(adapter, build, batch):
     terms = [DistillTermConfig(method="pkd", pairs=pairs, connector="none", weight=10.0),
              DistillTermConfig(method="l2", pairs=pairs, connector="none")]
     distiller = Distiller(student, adapter, terms, Teacher(teacher, adapter))
-    assert all(isinstance(c.proj, nn.Identity) for c in distiller.connectors.values())
+    assert all(isinstance(c.proj, nn.Identity) for c in _connectors(distiller))
     student.train()
     losses = distiller(student, batch, 0)
     assert losses["kd/pkd"].abs() < 1e-4
@@ -336,15 +345,15 @@ def test_mssd_through_the_distiller(adapter, build, batch, sgd):
     student = build("yolo_pafpn")
     plain_keys = list(build("yolo_pafpn").state_dict().keys())
     distiller = Distiller(student, adapter, [DistillTermConfig(method="mssd", pairs=MSSD_PAIRS)], teacher=None)
-    assert distiller.teacher is None and not len(distiller.connectors)
-    loss_mod = distiller.losses["mssd"]
+    assert distiller.teacher is None and not _connectors(distiller)
+    loss_mod = distiller.method("mssd").loss_fn
     assert loss_mod.strides == (8, 16, 32)
     # the adaptation layers belong to the Distiller, not to the (exported) student
     student_ids = {id(p) for p in student.parameters()}
     adapter_params = list(loss_mod.adapters.parameters())
     assert adapter_params and not any(id(p) in student_ids for p in distiller.parameters())
     assert {id(p) for p in adapter_params} <= {id(p) for p in distiller.parameters()}
-    assert any(k.startswith("losses.mssd.adapters.") for k in distiller.state_dict())
+    assert any(k.startswith("methods.mssd.loss_fn.adapters.") for k in distiller.state_dict())
     assert list(student.state_dict().keys()) == plain_keys
 
     opt, sched = sgd(list(student.parameters()) + list(distiller.parameters()))
@@ -374,7 +383,7 @@ def test_mssd_terms_through_the_distiller_equal_the_loss_on_hooked_maps(adapter,
     finally:
         for h in hooks:
             h.remove()
-    loss = distiller.losses["mssd"]
+    loss = distiller.method("mssd").loss_fn
     assert loss.mask_weight == 3.0
     with torch.no_grad():
         want = loss([maps[f"fpn{i}"] for i in range(3)], [maps[f"pan{i}"] for i in range(3)],
@@ -430,6 +439,6 @@ def test_mssd_term_needs_equal_known_channels(adapter, build):
 def test_connector_module_is_the_distillers(adapter, pair):
     student, teacher = pair
     distiller = Distiller(student, adapter, [_term("l2")], Teacher(teacher, adapter))
-    assert all(isinstance(c, Connector) for c in distiller.connectors.values())
+    assert _connectors(distiller)
     student_ids = {id(p) for p in student.parameters()}
     assert not any(id(p) in student_ids for p in distiller.parameters())

@@ -28,7 +28,7 @@ def test_mssd_student_exports_the_baseline_architecture_with_identical_outputs(t
     result = train(cfg, resume=False, progress=False)
     ckpt = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")
     assert ckpt["distiller"], "the MSSD adaptation layers are trained, so the Distiller has state"
-    assert all(k.startswith("losses.") for k in ckpt["distiller"])
+    assert all(k.startswith("methods.mssd.") for k in ckpt["distiller"])
 
     exported = load_file(str(result.run_dir / "export" / "model.safetensors"))
     baseline = get_adapter("torchvision").build(cfg.model, 5).state_dict()

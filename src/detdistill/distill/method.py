@@ -1,0 +1,168 @@
+"""The method protocol: what a distillation method declares, what it is built from, what it returns.
+
+A method is an ``nn.Module`` subclass of :class:`DistillMethod`, registered where it is
+defined with :func:`register_method`. For each KD term of a config the
+:class:`~detdistill.distill.distiller.Distiller`:
+
+1. asks the class what the term :meth:`~DistillMethod.needs` (taps, teacher outputs, ...);
+2. resolves and measures those taps, and builds the method from a :class:`BuildContext`;
+3. on every step runs teacher and student as the methods need, then calls
+   ``method(StepContext) -> {part: unweighted loss}``;
+4. logs each part as ``kd/<term>`` (part ``""``) or ``kd/<term>/<part>``, times the term's
+   weight (warm-up included), and adds it to the task loss.
+
+Everything method-specific (its checks, its trainable helpers such as connectors or mask
+adapters, its use of ground truth) lives in the method. A new method is one new file; see
+``docs/architecture.md`` for a worked example.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from ..adapters.base import DetectorAdapter
+from ..config import DistillTermConfig
+from ..registry import Registry
+from ..structures import Batch, RawOutputs
+from ..taps import FeatureTaps, TapInfo
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What one KD term needs from each step; the Distiller supplies exactly this.
+
+    Attributes:
+        student_taps: student tap names whose outputs the method reads.
+        teacher_taps: teacher tap names whose outputs the method reads.
+        teacher: a teacher network must be configured.
+        teacher_head: the teacher's raw head outputs (otherwise it stops after its neck).
+        student_head: the student's raw head outputs from ``forward_train``.
+        teacher_first: the teacher runs before the student, because
+            :meth:`DistillMethod.student_inputs` turns its outputs into student inputs.
+    """
+
+    student_taps: tuple[str, ...] = ()
+    teacher_taps: tuple[str, ...] = ()
+    teacher: bool = True
+    teacher_head: bool = False
+    student_head: bool = False
+    teacher_first: bool = False
+
+
+@dataclass
+class BuildContext:
+    """What a method is built from.
+
+    Attributes:
+        term: the config term (``pairs``, ``params``, ``connector``, ...).
+        student, student_adapter: the bare student and its framework adapter.
+        student_taps: this term's student taps, resolved and measured (channels, stride, kind).
+        num_classes: classes of the training data.
+        teacher, teacher_adapter, teacher_taps: likewise for the frozen teacher, when there is one.
+    """
+
+    term: DistillTermConfig
+    student: nn.Module
+    student_adapter: DetectorAdapter
+    student_taps: dict[str, TapInfo]
+    num_classes: int | None = None
+    teacher: nn.Module | None = None
+    teacher_adapter: DetectorAdapter | None = None
+    teacher_taps: dict[str, TapInfo] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.term.label
+
+
+@dataclass
+class StepContext:
+    """What a method sees in one step.
+
+    Attributes:
+        step: the 0-based training step.
+        batch: the batch (ground truth in ``batch.targets``, boxes in input pixels).
+        student: the student as the loop runs it (possibly DDP-wrapped; use ``unwrap``).
+        student_taps: recorded student tap outputs (``student_taps.get(name)``).
+        teacher_taps: recorded teacher tap outputs, or ``None`` without a teacher.
+        student_raw: the student's raw outputs (geometry always; head outputs if needed);
+            ``None`` while :meth:`DistillMethod.student_inputs` runs (the student has not run yet).
+        teacher_raw: the teacher's raw outputs, or ``None`` when the teacher did not run.
+    """
+
+    step: int
+    batch: Batch
+    student: nn.Module
+    student_taps: FeatureTaps
+    teacher_taps: FeatureTaps | None = None
+    student_raw: RawOutputs | None = None
+    teacher_raw: RawOutputs | None = None
+
+
+class DistillMethod(nn.Module):
+    """Base class of every distillation method.
+
+    Class attributes describe the method for the registry and ``detdistill list``:
+    ``name`` (the config's ``method:``), ``family`` (a one-word description such as
+    ``feature``), ``default_weight`` (used when a term omits ``weight``) and ``paper``.
+
+    Subclasses implement :meth:`needs`, ``__init__(ctx: BuildContext, **params)`` and
+    :meth:`forward`. The term's ``params:`` are checked against :meth:`params_signature`
+    before anything is built, then passed to ``__init__`` as keyword arguments.
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    default_weight: ClassVar[float] = 1.0
+    paper: ClassVar[str] = ""
+
+    @classmethod
+    def needs(cls, term: DistillTermConfig) -> Needs:
+        """What ``term`` needs each step; raise ``ValueError`` naming the term for a bad one."""
+        raise NotImplementedError
+
+    @classmethod
+    def params_signature(cls) -> Callable[..., Any]:
+        """The callable whose keyword arguments are this method's ``params`` (default: ``__init__``)."""
+        return cls.__init__
+
+    @classmethod
+    def reserved_params(cls) -> tuple[str, ...]:
+        """Arguments of :meth:`params_signature` that the method fills itself (not user params)."""
+        return ("self", "ctx", "args", "kwargs")
+
+    @classmethod
+    def check_params(cls, term: DistillTermConfig) -> None:
+        """Unknown ``params`` raise, naming the term and the allowed ones."""
+        sig = inspect.signature(cls.params_signature())
+        allowed = [p for p in sig.parameters if p not in cls.reserved_params()]
+        unknown = sorted(set(term.params) - set(allowed))
+        if unknown:
+            raise ValueError(f"distill term {term.label!r} ({cls.name}): unknown params {unknown}; "
+                             f"allowed: {', '.join(allowed) or '(none)'}")
+
+    def student_inputs(self, ctx: StepContext) -> Mapping[str, Any]:
+        """Extra training inputs for the student's forward (only with ``Needs.teacher_first``)."""
+        return {}
+
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:  # type: ignore[override]
+        """Unweighted loss parts: ``{"": loss}`` for one term, or ``{"part": loss, ...}``."""
+        raise NotImplementedError
+
+
+METHODS: Registry[type[DistillMethod]] = Registry("distillation method")
+
+
+def register_method(cls: type[DistillMethod]) -> type[DistillMethod]:
+    """Class decorator: add a :class:`DistillMethod` to :data:`METHODS` under ``cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, DistillMethod)):
+        raise TypeError(f"register_method takes a DistillMethod subclass, got {cls!r}")
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a `name` to register")
+    METHODS.add(cls.name, cls)
+    return cls

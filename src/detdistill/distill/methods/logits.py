@@ -1,0 +1,52 @@
+"""Logit KD on dense heads: KL divergence between softened class predictions, per anchor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from ...config import DistillTermConfig
+from ...losses.kl import KLLogitLoss
+from ..method import BuildContext, DistillMethod, Needs, StepContext, register_method
+
+
+@register_method
+class KLLogits(DistillMethod):
+    """``KL(softmax|sigmoid(z_T / T) || ... (z_S / T)) * T^2`` on ``(N, A, C)`` class logits.
+
+    Student and teacher need the same dense head layout (anchors per location, levels,
+    classes) and input size, so that anchor ``a`` means the same place in both.
+    """
+
+    name = "kl"
+    family = "logit"
+    default_weight = 1.0
+    paper = "Hinton et al. (2015) KD with temperature, on dense-head class logits"
+
+    @classmethod
+    def needs(cls, term: DistillTermConfig) -> Needs:
+        if term.pairs:
+            raise ValueError(f"distill term {term.label!r} ({term.method}) works on head logits; remove `pairs`")
+        return Needs(teacher_head=True, student_head=True)
+
+    @classmethod
+    def params_signature(cls) -> Callable[..., Any]:
+        return KLLogitLoss.__init__
+
+    def __init__(self, ctx: BuildContext, **params: Any) -> None:
+        super().__init__()
+        self.label = ctx.label
+        self.loss_fn = KLLogitLoss(**params)
+
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:  # type: ignore[override]
+        s = ctx.student_raw.cls_logits if ctx.student_raw is not None else None
+        t = ctx.teacher_raw.cls_logits if ctx.teacher_raw is not None else None
+        if s is None or t is None:
+            raise ValueError(f"distill term {self.label!r}: both detectors need dense class logits")
+        if s.shape != t.shape:
+            raise ValueError(f"distill term {self.label!r}: student logits {tuple(s.shape)} and teacher logits "
+                             f"{tuple(t.shape)} differ; logit KD needs the same head layout "
+                             "(anchors per location, levels, classes) and input size")
+        return {"": self.loss_fn(s, t.detach())}
