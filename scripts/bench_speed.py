@@ -21,7 +21,9 @@ from detdistill.config import load_config
 from detdistill.data.dataset import EvalDataset, StepBatchSampler, TrainDataset, collate
 from detdistill.data.transforms import EvalTransform
 from detdistill.engine.optim import build_optimizer, build_scheduler
-from detdistill.engine.train import load_split, train_one_step, train_transform
+from detdistill.data.splits import load_split
+from detdistill.data.transforms import train_transform
+from detdistill.engine.train import train_one_step
 
 
 def count_params(model: torch.nn.Module) -> float:

@@ -23,7 +23,10 @@ from detdistill.config import load_config
 from detdistill.data.dataset import StepBatchSampler, TrainDataset, collate
 from detdistill.distill.distiller import Distiller, Teacher
 from detdistill.engine.optim import build_optimizer, build_scheduler
-from detdistill.engine.train import load_split, load_teacher, train_one_step, train_transform
+from detdistill.data.splits import load_split
+from detdistill.data.transforms import train_transform
+from detdistill.engine.setup import load_teacher
+from detdistill.engine.train import train_one_step
 
 
 def main() -> None:

@@ -56,7 +56,8 @@ from detdistill.data.transforms import EvalTransform
 from detdistill.data.yolo import label_path_for
 from detdistill.engine.evaluate import evaluate
 from detdistill.engine.restore import restore_model
-from detdistill.engine.train import load_split, train_transform
+from detdistill.data.splits import load_split
+from detdistill.data.transforms import train_transform
 from detdistill.report.tables import format_metrics_table
 
 COLUMNS = ["name", "AP", "AP50", "AP75", "APs", "APm", "APl", "AP/car", "s_per_step", "train_min"]

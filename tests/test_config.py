@@ -148,14 +148,9 @@ def test_model_validators():
 def test_registry_duplicates_and_misses():
     reg: Registry[int] = Registry("widget")
     reg.add("a", 1)
-
-    @reg.register("b")
-    def _b() -> None: ...
-
+    reg.add("b", 2)
     with pytest.raises(KeyError, match="widget 'a' is already registered"):
         reg.add("a", 2)
-    with pytest.raises(KeyError, match="already registered"):
-        reg.register("b")(lambda: None)
     assert reg.get("a") == 1
     with pytest.raises(KeyError) as err:
         reg.get("c")
@@ -163,3 +158,6 @@ def test_registry_duplicates_and_misses():
     assert list(reg) == reg.names() == ["a", "b"] and len(reg) == 2 and "a" in reg
     with pytest.raises(KeyError, match=r"\(none registered\)"):
         Registry("gadget").get("x")
+    assert reg.remove("b") == 2 and reg.names() == ["a"]
+    with pytest.raises(KeyError, match="unknown widget 'b'"):
+        reg.remove("b")

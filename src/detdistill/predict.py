@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
@@ -13,7 +12,7 @@ from .config import EvalConfig
 from .data.image_io import decode_image
 from .engine.evaluate import predict_image
 from .engine.restore import restore_model
-from .engine.train import resolve_device
+from .engine.device import resolve_device
 
 
 def predict_images(checkpoint: str | Path, images: list[str | Path], *, out_dir: Path, score_thresh: float = 0.3,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -11,7 +11,7 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps names to objects (builders, loss classes, readers).
 
-    ``register`` refuses a name that is already taken, so two plugins cannot
+    ``add`` refuses a name that is already taken, so two plugins cannot
     silently shadow each other; ``get`` on an unknown name raises a ``KeyError``
     whose message lists every valid name.
     """
@@ -20,19 +20,15 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
 
-    def register(self, name: str | None = None) -> Callable[[T], T]:
-        """Decorator form: ``@REG.register("pkd")``; defaults to the object's ``__name__``."""
-
-        def wrap(obj: T) -> T:
-            self.add(name or getattr(obj, "__name__"), obj)
-            return obj
-
-        return wrap
-
     def add(self, name: str, obj: T) -> None:
         if name in self._items:
             raise KeyError(f"{self.kind} {name!r} is already registered (to {self._items[name]!r})")
         self._items[name] = obj
+
+    def remove(self, name: str) -> T:
+        """Unregister ``name`` and return its object (a plugin's tests clean up after themselves)."""
+        self.get(name)  # the same error as get() for an unknown name
+        return self._items.pop(name)
 
     def get(self, name: str) -> T:
         try:

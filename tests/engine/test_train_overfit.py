@@ -19,7 +19,9 @@ from detdistill.adapters.base import get_adapter
 from detdistill.data.dataset import EvalDataset
 from detdistill.data.transforms import EvalTransform
 from detdistill.engine.evaluate import evaluate
-from detdistill.engine.train import load_split, seed_everything, train
+from detdistill.data.splits import load_split
+from detdistill.engine.device import seed_everything
+from detdistill.engine.train import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -156,10 +156,6 @@ class StepBatchSampler:
             self._perms[epoch] = perm
         return perm
 
-    def epoch_of(self, step: int) -> int:
-        """The epoch in which the first sample of ``step``'s global batch lies."""
-        return step * self.batch_size * self.world_size // self.num_samples
-
     def batch(self, step: int) -> list[tuple[int, int]]:
         """This rank's ``batch_size`` ``(index, seed)`` pairs of ``step``."""
         g = self.batch_size * self.world_size

@@ -1,7 +1,7 @@
 """Format name -> reader function, so configs can say ``format: yolo``.
 
 Every reader has the signature ``reader(path, ..., *, strict=False, min_size=1.0) -> DetectionSet``.
-A new format registers with ``READERS.add("name", fn)`` (or ``@READERS.register("name")``).
+A new format registers with ``READERS.add("name", fn)``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ determines the output whatever process, worker or global RNG state runs it.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -20,6 +21,9 @@ from torchvision.transforms.v2 import functional as F
 
 from detdistill.data.sample import Sample
 from detdistill.structures import Target
+
+if TYPE_CHECKING:
+    from detdistill.config import DataConfig
 
 
 def _targets_from(sample: Sample) -> tuple[Tensor, Tensor]:
@@ -153,3 +157,10 @@ class EvalTransform:
         """``(3, H, W)`` uint8 -> ``(3, H, W)`` float32 in ``[0, 1]`` and the non-crowd :class:`Target`."""
         boxes, labels = _targets_from(sample)
         return F.to_dtype(image, torch.float32, scale=True), Target(boxes, labels, sample.image_id, sample.path)
+
+
+def train_transform(d: "DataConfig") -> TrainTransform:
+    """The training augmentation a config's ``data`` section describes (also used by the
+    benchmark scripts, so they draw exactly the crops ``train`` does)."""
+    return TrainTransform(d.crop_size, scale_range=d.scale_range, hflip=d.hflip, vflip=d.vflip,
+                          object_centered_crop_p=d.object_centered_crop_p, min_size=max(d.min_box_size, 1.0))

@@ -10,9 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,27 +17,24 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch import nn
 from tqdm import tqdm
 
 from .. import __version__
-from ..adapters.base import DetectorAdapter, get_adapter, unwrap
-from ..config import Config, DataConfig, TeacherConfig
-from ..data.dataset import EvalDataset, StepBatchSampler, TrainDataset, collate
-from ..data.readers import load_detection_set
+from ..adapters.base import DetectorAdapter
+from ..config import Config
 from ..data.sample import DetectionSet
-from ..data.transforms import EvalTransform, TrainTransform
-from ..distill.distiller import Distiller, Teacher
+from ..distill.distiller import Distiller
+from ..modules import unwrap
 from ..report.metrics_log import MetricsLogger
 from ..report.plots import plot_run
 from ..structures import Batch
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import rng_state, save_checkpoint
 from .coco_eval import EvalResult
-from .distributed import DistInfo, all_reduce_grads, cleanup, gather_objects, init_distributed, reduce_mean, wrap_ddp
+from .device import peak_memory_mb
+from .distributed import DistInfo, all_reduce_grads, cleanup, gather_objects, reduce_mean
 from .evaluate import evaluate
-from .optim import build_optimizer, build_scheduler
-from .restore import restore_model
+from .setup import build_run
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,65 +50,6 @@ class TrainResult:
     sec_per_step: float
     peak_mem_mb: float
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
-    return dev
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def train_transform(d: DataConfig) -> TrainTransform:
-    """The training augmentation a config's ``data`` section describes (also used by the
-    benchmark scripts, so they draw exactly the crops ``train`` does)."""
-    return TrainTransform(d.crop_size, scale_range=d.scale_range, hflip=d.hflip, vflip=d.vflip,
-                          object_centered_crop_p=d.object_centered_crop_p, min_size=max(d.min_box_size, 1.0))
-
-
-def load_split(cfg: Config, split: str) -> DetectionSet:
-    src = getattr(cfg.data, split)
-    kwargs: dict[str, Any] = {"strict": cfg.data.strict}
-    if src.format == "coco":
-        kwargs["images_dir"] = src.images
-    else:
-        if src.classes is not None:
-            kwargs["classes"] = src.classes
-        if src.format == "yolo":
-            kwargs["split"] = src.split or split  # which key of a dataset.yaml
-    return load_detection_set(src.format, src.path, **kwargs)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
-
-
-def load_teacher(tcfg: TeacherConfig, device: torch.device) -> Teacher:
-    """The frozen teacher from a ``detdistill train`` checkpoint."""
-    r = restore_model(tcfg.checkpoint, device)
-    return Teacher(r.model, r.adapter, tcfg.input_scale, r.class_names)
-
-
-def _autocast(cfg: Config, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
-    mode = cfg.train.amp
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext
-    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
-    if mode == "auto" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def train_one_step(model: nn.Module, adapter: DetectorAdapter, batch: Batch, step: int, *,
@@ -208,73 +143,14 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
         stop_after: stop (after checkpointing) once this many steps are done, as if
             interrupted; used to test resume.
     """
-    device = resolve_device(cfg.train.device)
-    info = init_distributed(device)
-    if device.type == "cuda" and info.enabled:
-        device = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(device)
-    say = log if info.is_main else (lambda _m: None)
-    seed_everything(cfg.seed)
-    run_dir = cfg.run_dir
-    ckpt_dir = run_dir / "checkpoints"
-    train_set, val_set = load_split(cfg, "train"), load_split(cfg, "val")
-    if train_set.class_names != val_set.class_names:
-        raise ValueError(f"train and val class names differ: {train_set.class_names} vs {val_set.class_names}")
-    say(train_set.summary())
-    say(val_set.summary())
-
-    adapter = get_adapter(cfg.model.framework)
-    model = adapter.build(cfg.model, train_set.num_classes).to(device)
-    distiller = None
-    if cfg.distill:
-        teacher = load_teacher(cfg.teacher, device) if cfg.teacher is not None else None
-        if teacher is not None and teacher.class_names != train_set.class_names:
-            say(f"note: teacher classes {teacher.class_names} differ from the data's {train_set.class_names}; "
-                "feature KD still works, logit KD will refuse")
-        distiller = Distiller(model, adapter, cfg.distill, teacher).to(device)
-    params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
-    optimizer = build_optimizer(cfg.train, params)
-    scheduler = build_scheduler(cfg.train, optimizer)
-    autocast = _autocast(cfg, device)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.train.amp == "fp16" else None
-
-    start = 0
-    ckpt_path = Path(resume) if isinstance(resume, (str, Path)) else ckpt_dir / "last.pt"
-    if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        unwrap(model).load_state_dict(state["model"])
-        if distiller is not None and state.get("distiller"):
-            distiller.load_state_dict(state["distiller"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start = int(state["step"])
-        say(f"resumed from {ckpt_path} at step {start}")
-    elif isinstance(resume, (str, Path)):
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    ddp_model = wrap_ddp(model, info, device)
+    run = build_run(cfg, resume=resume, log=log)
+    info, say, model, distiller, start = run.info, run.say, run.model, run.distiller, run.start
+    adapter, optimizer, scheduler, scaler = run.adapter, run.optimizer, run.scheduler, run.scaler
+    run_dir, ckpt_dir, train_set = run.run_dir, run.ckpt_dir, run.train_set
     logger = MetricsLogger(run_dir) if info.is_main else None
 
-    d = cfg.data
-    train_ds = TrainDataset(train_set, train_transform(d), cache_images=d.cache_images)
-    if d.cache_images and d.workers > 0:
-        train_ds.preload()  # decode once before workers fork, so they share the cache
-    val_ds = EvalDataset(val_set, EvalTransform())
-    sampler = StepBatchSampler(len(train_set), cfg.train.batch_size, cfg.seed, start_step=start,
-                               world_size=info.world_size, rank=info.rank)
-    # Own generator: iter(loader) draws a base seed, which must not advance the global torch RNG
-    # (restored on resume; Faster R-CNN's box sampling draws from it), or resume is not exact.
-    loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=d.workers, collate_fn=collate,
-                        persistent_workers=d.workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
-
     def run_eval(step: int) -> EvalResult:
-        result = evaluate(unwrap(model), adapter, val_ds, cfg.eval, device, info=info, progress=progress,
+        result = evaluate(model, adapter, run.val_ds, cfg.eval, run.device, info=info, progress=progress,
                           nms_thresh=cfg.model.nms_thresh)
         if logger is not None:
             logger.log(step, "eval", result.as_dict())
@@ -296,12 +172,12 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
     step = start
     final: EvalResult | None = None
     try:
-        it = iter(loader)
+        it = iter(run.loader)
         for step in range(start, end):
-            batch = next(it).to(device)
+            batch = next(it).to(run.device)
             ts = time.perf_counter()
-            values = train_one_step(ddp_model, adapter, batch, step, optimizer=optimizer, scheduler=scheduler,
-                                    distiller=distiller, grad_clip=cfg.train.grad_clip, autocast=autocast,
+            values = train_one_step(run.ddp_model, adapter, batch, step, optimizer=optimizer, scheduler=scheduler,
+                                    distiller=distiller, grad_clip=cfg.train.grad_clip, autocast=run.autocast,
                                     scaler=scaler, info=info)
             step_times.append(time.perf_counter() - ts)
             for k, v in values.items():
@@ -341,9 +217,9 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
         cleanup(info)
     seconds = time.perf_counter() - t0
     result = TrainResult(run_dir, final, step, seconds, float(np.mean(step_times)) if step_times else 0.0,
-                         peak_memory_mb(device))
+                         peak_memory_mb(run.device))
     if info.is_main and final is not None:
         (run_dir / "run_summary.json").write_text(json.dumps(
             {"steps": result.steps, "seconds": seconds, "sec_per_step": result.sec_per_step,
-             "peak_mem_mb": result.peak_mem_mb, "resumed_from": start, "device": str(device)}, indent=2))
+             "peak_mem_mb": result.peak_mem_mb, "resumed_from": start, "device": str(run.device)}, indent=2))
     return result

@@ -5,7 +5,7 @@ Intelligence 2024) encodes each ground-truth box with Gaussian values peaking at
 centre, sets the background to 0, and puts small objects on the large (stride-8) map,
 medium objects on the medium map and large objects on the small (stride-32) map.
 
-The paper leaves open (METHODS.md §3 "Open details") the exact Gaussian and the size
+The paper leaves open the exact Gaussian and the size
 thresholds. Choices made here:
 
 * **Scale assignment**: by ``s = sqrt(w * h)`` in input pixels against ``size_thresholds``

@@ -12,8 +12,8 @@ self-distillation on objects::
     L_self = sum_l  w_l * sum_{n,c,h,w} M_l (P_l - sg(F_l))^2 / (C * (sum_{n,h,w} M_l + eps))
     L_mask = lambda * sum_l  mean_{n,h,w} (sigmoid(A_l(P_l)) - M_l)^2
 
-``sg`` is stop-gradient: the FPN side is the teacher, so it is detached (METHODS.md §3 open
-detail; the paper treats FPN maps as fixed teachers of the PAN outputs). The adaptation
+``sg`` is stop-gradient: the FPN side is the teacher, so it is detached (the paper leaves
+this open; it treats FPN maps as fixed teachers of the PAN outputs; see docs/methods.md). The adaptation
 layers exist only for training; the detector is unchanged at inference.
 """
 

@@ -1,0 +1,143 @@
+"""Everything a training run needs before its first step, built from a config: :func:`build_run`.
+
+Device and DDP, data, student, teacher and Distiller, optimiser, schedule and AMP, and the
+state restored from a checkpoint. The loop in :mod:`detdistill.engine.train` only steps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..adapters.base import DetectorAdapter, get_adapter
+from ..config import Config, TeacherConfig
+from ..data.dataset import EvalDataset, StepBatchSampler, TrainDataset, collate
+from ..data.sample import DetectionSet
+from ..data.splits import load_split
+from ..data.transforms import EvalTransform, train_transform
+from ..distill.distiller import Distiller, Teacher
+from ..modules import unwrap
+from .checkpoint import load_checkpoint, set_rng_state
+from .device import resolve_device, seed_everything
+from .distributed import DistInfo, init_distributed, wrap_ddp
+from .optim import build_optimizer, build_scheduler
+from .restore import restore_model
+
+
+@dataclass
+class Run:
+    """A training run ready to step (see :func:`build_run`)."""
+
+    cfg: Config
+    device: torch.device
+    info: DistInfo
+    say: Callable[[str], None]
+    train_set: DetectionSet
+    val_set: DetectionSet
+    adapter: DetectorAdapter
+    model: nn.Module  # bare
+    ddp_model: nn.Module  # what the loop calls (DDP-wrapped under torchrun)
+    distiller: Distiller | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]]
+    start: int
+    loader: DataLoader
+    val_ds: EvalDataset
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.cfg.run_dir / "checkpoints"
+
+
+def load_teacher(tcfg: TeacherConfig, device: torch.device) -> Teacher:
+    """The frozen teacher from a ``detdistill train`` checkpoint."""
+    r = restore_model(tcfg.checkpoint, device)
+    return Teacher(r.model, r.adapter, tcfg.input_scale, r.class_names)
+
+
+def make_autocast(cfg: Config, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    mode = cfg.train.amp
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext
+    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
+    if mode == "auto" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[str], None] = print) -> Run:
+    """Set up a run of ``cfg``: ``resume=True`` continues from ``<run_dir>/checkpoints/last.pt``
+    when it exists, a path continues from that checkpoint, ``False`` starts fresh."""
+    device = resolve_device(cfg.train.device)
+    info = init_distributed(device)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    say = log if info.is_main else (lambda _m: None)
+    seed_everything(cfg.seed)
+    train_set, val_set = load_split(cfg, "train"), load_split(cfg, "val")
+    if train_set.class_names != val_set.class_names:
+        raise ValueError(f"train and val class names differ: {train_set.class_names} vs {val_set.class_names}")
+    say(train_set.summary())
+    say(val_set.summary())
+
+    adapter = get_adapter(cfg.model.framework)
+    model = adapter.build(cfg.model, train_set.num_classes).to(device)
+    distiller = None
+    if cfg.distill:
+        teacher = load_teacher(cfg.teacher, device) if cfg.teacher is not None else None
+        if teacher is not None and teacher.class_names != train_set.class_names:
+            say(f"note: teacher classes {teacher.class_names} differ from the data's {train_set.class_names}; "
+                "feature KD still works, logit KD will refuse")
+        distiller = Distiller(model, adapter, cfg.distill, teacher, num_classes=train_set.num_classes).to(device)
+    params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
+    optimizer = build_optimizer(cfg.train, params)
+    scheduler = build_scheduler(cfg.train, optimizer)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.train.amp == "fp16" else None
+
+    start = 0
+    ckpt_path = Path(resume) if isinstance(resume, (str, Path)) else cfg.run_dir / "checkpoints" / "last.pt"
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        unwrap(model).load_state_dict(state["model"])
+        if distiller is not None and state.get("distiller"):
+            distiller.load_state_dict(state["distiller"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start = int(state["step"])
+        say(f"resumed from {ckpt_path} at step {start}")
+    elif isinstance(resume, (str, Path)):
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+
+    if info.is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    d = cfg.data
+    train_ds = TrainDataset(train_set, train_transform(d), cache_images=d.cache_images)
+    if d.cache_images and d.workers > 0:
+        train_ds.preload()  # decode once before workers fork, so they share the cache
+    sampler = StepBatchSampler(len(train_set), cfg.train.batch_size, cfg.seed, start_step=start,
+                               world_size=info.world_size, rank=info.rank)
+    # Own generator: iter(loader) draws a base seed, which must not advance the global torch RNG
+    # (restored on resume; Faster R-CNN's box sampling draws from it), or resume is not exact.
+    loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=d.workers, collate_fn=collate,
+                        persistent_workers=d.workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+    return Run(cfg, device, info, say, train_set, val_set, adapter, model, wrap_ddp(model, info, device), distiller,
+               optimizer, scheduler, scaler, make_autocast(cfg, device), start, loader, EvalDataset(val_set, EvalTransform()))
