@@ -44,6 +44,7 @@ class BenchMethod(BaseModel):
     name: str
     distill: list[DistillTermConfig] = Field(default_factory=list)
     overrides: list[str] = Field(default_factory=list)
+    teacher_input_scale: float | None = None  # this method's teacher resolution; default: the spec's
 
 
 class BenchSpec(BaseModel):
@@ -88,8 +89,8 @@ def _run_config(spec: BenchSpec, method: BenchMethod, seed: int, run_dir: Path) 
         if not spec.teacher_checkpoint and any(METHODS.get(t.method).needs(t).teacher for t in method.distill):
             raise ConfigError(f"method {method.name!r} needs `teacher_checkpoint` in the bench spec")
         if spec.teacher_checkpoint:
-            cfg = cfg.model_copy(update={"teacher": TeacherConfig(checkpoint=spec.teacher_checkpoint,
-                                                                  input_scale=spec.teacher_input_scale)})
+            scale = method.teacher_input_scale if method.teacher_input_scale is not None else spec.teacher_input_scale
+            cfg = cfg.model_copy(update={"teacher": TeacherConfig(checkpoint=spec.teacher_checkpoint, input_scale=scale)})
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "bench_config.yaml"
     path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))

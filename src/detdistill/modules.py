@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 from torch import nn
 
 
@@ -14,3 +18,27 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
+
+
+@contextmanager
+def frozen_pass(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` (its forward or any of its parts) without training it or changing its state.
+
+    Inside the block every parameter is replaced by a detached view, so gradients flow to the
+    *inputs* only (and DistributedDataParallel sees no second use of its parameters), and
+    every buffer by a copy, so BatchNorm statistics updated in the block are thrown away. The
+    originals are never written in place, so graphs built before the block stay valid. Used
+    where a method sends other features through the student's own head (ScaleKD's assistant).
+    """
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    for module in model.modules():
+        for store, make in ((module._parameters, lambda t: t.detach()), (module._buffers, lambda t: t.clone())):
+            for name, t in list(store.items()):
+                if t is not None:
+                    saved.append((store, name, t))
+                    store[name] = make(t)
+    try:
+        yield model
+    finally:
+        for store, name, t in saved:
+            store[name] = t

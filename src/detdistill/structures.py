@@ -100,10 +100,10 @@ class TwoStageOutputs:
 
     rpn_objectness: Tensor
     rpn_deltas: Tensor
-    anchors: list[Tensor]
-    proposals: list[Tensor]
-    roi_logits: Tensor
-    roi_deltas: Tensor
+    anchors: list[Tensor] | None = None
+    proposals: list[Tensor] | None = None
+    roi_logits: Tensor | None = None
+    roi_deltas: Tensor | None = None
     roi_labels: list[Tensor] | None = None
     roi_regression_targets: list[Tensor] | None = None
 

@@ -42,8 +42,9 @@ def make_batch(rank: int = 0) -> Batch:
     return Batch(images, targets)
 
 
-def setup(rank: int = 0) -> tuple[Any, nn.Module, Distiller, Batch]:
-    """GroupNorm student and teacher (no BatchNorm batch statistics), PKD + L2 terms, rank's batch."""
+def setup(rank: int = 0, method: str = "pkd_l2") -> tuple[Any, nn.Module, Distiller, Batch]:
+    """GroupNorm student and teacher (no BatchNorm batch statistics), PKD + L2 terms (or ScaleKD,
+    whose assistant runs the DDP student's head a second time), rank's batch."""
     torch.set_num_threads(1)
     adapter = get_adapter("torchvision")
     torch.manual_seed(0)
@@ -52,6 +53,9 @@ def setup(rank: int = 0) -> tuple[Any, nn.Module, Distiller, Batch]:
     teacher = adapter.build(ModelConfig(arch="fcos", fpn_channels=64, head_convs=1, norm="gn"), 3)
     terms = [DistillTermConfig(method="pkd", pairs=[(f"neck.p{lvl}", f"neck.p{lvl}") for lvl in (3, 4, 5)], weight=10.0),
              DistillTermConfig(method="l2", name="l2_p3", pairs=[("neck.p3", "neck.p3")])]
+    if method == "scalekd":
+        terms = [DistillTermConfig(method="scalekd", pairs=[(f"neck.p{lvl}", f"neck.p{lvl}") for lvl in (3, 4, 5, 6, 7)],
+                                   params={"sdf_grad": "student"})]
     torch.manual_seed(2)  # connector initialisation
     distiller = Distiller(student, adapter, terms, Teacher(teacher, adapter))
     return adapter, student, distiller, make_batch(rank)
@@ -72,7 +76,7 @@ def _params(model: nn.Module, distiller: Distiller) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in named}
 
 
-def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+def run(rank: int, world_size: int, init_file: str, out_dir: str, method: str = "pkd_l2") -> None:
     """Entry point of one spawned rank: write ``rank<k>.pt`` into ``out_dir``."""
     from datetime import timedelta
 
@@ -82,11 +86,15 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     try:
-        adapter, student, distiller, batch = setup(rank)
+        adapter, student, distiller, batch = setup(rank, method)
         info = DistInfo(rank=rank, world_size=world_size, local_rank=rank)
         model = wrap_ddp(student, info, torch.device("cpu"))
         result = one_step(model, adapter, distiller, batch, info)
         result["wrapped"] = isinstance(model, nn.parallel.DistributedDataParallel)
+        result["student_grads"] = {k: p.grad.detach().clone() for k, p in student.named_parameters() if p.grad is not None}
+        if method != "pkd_l2":
+            torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+            return
 
         # Step 2: rank 1 alone gets a NaN task term.
         if rank == 1:

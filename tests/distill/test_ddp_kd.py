@@ -23,8 +23,8 @@ WORLD_SIZE = 2
 TIMEOUT_S = 240
 
 
-def _spawn(tmp_path: Path) -> None:
-    ctx = mp.start_processes(worker.run, args=(WORLD_SIZE, str(tmp_path / "ddp_init"), str(tmp_path)),
+def _spawn(tmp_path: Path, method: str = "pkd_l2") -> None:
+    ctx = mp.start_processes(worker.run, args=(WORLD_SIZE, str(tmp_path / "ddp_init"), str(tmp_path), method),
                              nprocs=WORLD_SIZE, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -78,3 +78,28 @@ def test_kd_under_ddp_with_different_batches_per_rank(tmp_path):
         assert msg.startswith("step 0: non-finite"), f"rank {r} did not stop: {msg}"
         assert f"rank 1: {worker.NAN_TERM}=nan" in msg and "rank 0:" not in msg, f"rank {r}: {msg}"
         assert res["nan_step_changed"] == [], f"rank {r} updated {res['nan_step_changed'][:3]} on the bad step"
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_scalekd_under_ddp_runs_and_averages(tmp_path):
+    """ScaleKD's assistant sends maps through the DDP student's head a second time (with its
+    weights frozen): DDP must not see a second use of its parameters, and the student's and
+    the assistant's gradients must be the mean over the ranks' batches."""
+    _spawn(tmp_path, "scalekd")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    refs = []
+    for r in range(WORLD_SIZE):
+        adapter, student, distiller, batch = worker.setup(r, "scalekd")
+        ref = worker.one_step(student, adapter, distiller, batch, DistInfo())
+        ref["student_grads"] = {k: p.grad.detach().clone() for k, p in student.named_parameters() if p.grad is not None}
+        refs.append(ref)
+    for part in ("feat", "cls", "bbox", "csa"):
+        for r, res in enumerate(ranks):
+            assert res["values"][f"loss/kd/scalekd/{part}"] == pytest.approx(refs[r]["values"][f"loss/kd/scalekd/{part}"],
+                                                                              rel=1e-5), (r, part)
+    for key in ("connector_grads", "student_grads"):  # the Distiller's modules, and the DDP student
+        g0, g1 = refs[0][key], refs[1][key]
+        assert g0
+        for r, res in enumerate(ranks):
+            for k in g0:
+                torch.testing.assert_close(res[key][k], (g0[k] + g1[k]) / 2, rtol=1e-4, atol=1e-6, msg=f"rank {r}: {k}")

@@ -53,7 +53,8 @@ class DetectorAdapter(Protocol):
         """Task-loss terms and the raw outputs.
 
         The raw outputs always carry the geometry (``input_size``, ``image_sizes``); the
-        head's outputs (logits, boxes, features) only when ``need_raw``. ``extra_inputs``
+        head's outputs (logits, boxes, features) only when ``need_raw`` (two-stage models:
+        the maps only, they have no dense class logits). ``extra_inputs``
         are framework-specific training-only inputs (e.g. an extra query group of a DETR);
         an adapter that takes none raises on them. ``model`` may be wrapped in
         DistributedDataParallel: the call goes through the wrapper so gradients sync.
@@ -66,6 +67,10 @@ class DetectorAdapter(Protocol):
         Taps registered on ``model`` record as usual; the return carries raw head
         outputs when ``need_head``.
         """
+        ...
+
+    def backbone_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The backbone's parameters (without the neck and head), e.g. to hold them still early in training."""
         ...
 
     def head(self, model: nn.Module, features: list[Tensor], raw: RawOutputs, batch: Batch | None = None) -> RawOutputs:

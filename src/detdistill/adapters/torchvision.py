@@ -163,9 +163,6 @@ class TorchvisionAdapter:
         no_extra_inputs(self.name, extra_inputs)
         bare = unwrap(model)
         raw = RawOutputs()
-        if need_raw and isinstance(bare, FasterRCNN):
-            raise ValueError("Faster R-CNN has no dense class logits for logit KD; use a feature method, or a FCOS/RetinaNet student")
-
         # Hooks see what torchvision does not return in train mode: the padded input
         # (transform) and, for logit KD, the head's outputs and the maps it consumed.
         def geometry(_m: nn.Module, _i: Any, out: tuple[ImageList, Any]) -> None:
@@ -175,9 +172,18 @@ class TorchvisionAdapter:
         def head_out(_m: nn.Module, args: tuple[Any, ...], out: dict[str, Tensor]) -> None:
             _fill_dense(raw, bare, list(args[0]), out)
 
+        def rpn_out(_m: nn.Module, args: tuple[Any, ...], out: tuple[list[Tensor], list[Tensor]]) -> None:
+            # two-stage: no dense class logits; the RPN's objectness and deltas are the dense part
+            raw.features = list(args[0])
+            objectness, deltas = concat_box_prediction_layers(list(out[0]), list(out[1]))
+            n = len(raw.features[0])
+            raw.two_stage = TwoStageOutputs(objectness.view(n, -1), deltas.view(n, -1, 4))
+
         handles = [bare.transform.register_forward_hook(geometry)]
         if need_raw:
-            handles.append(bare.head.register_forward_hook(head_out))
+            is_two_stage = isinstance(bare, FasterRCNN)
+            handles.append(bare.rpn.head.register_forward_hook(rpn_out) if is_two_stage
+                           else bare.head.register_forward_hook(head_out))
         try:
             losses = model(batch.images, self._targets(bare, batch))  # through DDP, so grads sync
         finally:
@@ -196,6 +202,10 @@ class TorchvisionAdapter:
             maps = list(feats.values())
             _fill_dense(raw, bare, maps, bare.head(maps))
         return raw
+
+    def backbone_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The ResNet body's parameters (not the FPN/PAFPN neck)."""
+        return list(unwrap(model).backbone.body.parameters())
 
     def head(self, model: nn.Module, features: list[Tensor], raw: RawOutputs, batch: Batch | None = None) -> RawOutputs:
         """The detector's head on ``features`` (one map per neck level, as ``backbone`` returns them)."""
@@ -295,7 +305,8 @@ def _two_stage_head(model: FasterRCNN, features: list[Tensor], raw: RawOutputs,
 
 def _two_stage_loss(model: FasterRCNN, raw: RawOutputs, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     ts = raw.two_stage
-    if ts is None or ts.roi_labels is None or ts.roi_regression_targets is None:
+    if ts is None or ts.anchors is None or ts.roi_logits is None or ts.roi_deltas is None \
+            or ts.roi_labels is None or ts.roi_regression_targets is None:
         raise ValueError("head_loss of Faster R-CNN needs head() run with the batch (sampled regions)")
     rpn = model.rpn
     labels, matched = rpn.assign_targets_to_anchors(ts.anchors, targets)

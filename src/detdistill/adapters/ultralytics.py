@@ -469,6 +469,12 @@ class UltralyticsAdapter:
             return _geometry(x, images)
         return _with_head(_geometry(x, images), _head_dict(out), _strides(bare))
 
+    def backbone_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters of the layers the model YAML lists under ``backbone``."""
+        bare = unwrap(model)
+        n = len(bare.yaml.get("backbone", [])) if isinstance(getattr(bare, "yaml", None), dict) else 0
+        return [p for m in bare.model[:n] for p in m.parameters()]
+
     def head(self, model: nn.Module, features: list[Tensor], raw: RawOutputs, batch: Batch | None = None) -> RawOutputs:
         """The Detect head on ``features`` (one map per Detect input, finest first)."""
         bare = unwrap(model)

@@ -84,7 +84,7 @@ class Distiller(nn.Module):
             n = needs[label]
             ctx = BuildContext(term, unwrap(student), student_adapter, {k: self.s_info[k] for k in n.student_taps},
                                num_classes, teacher.model if teacher else None, teacher.adapter if teacher else None,
-                               {k: self.t_info[k] for k in n.teacher_taps})
+                               {k: self.t_info[k] for k in n.teacher_taps}, teacher.input_scale if teacher else 1.0)
             self.methods[self._key(label)] = classes[label](ctx, **term.params)
         self.need_teacher_head = any(n.teacher_head for n in needs.values())
         self.need_student_head = any(n.student_head for n in needs.values())
@@ -101,6 +101,14 @@ class Distiller(nn.Module):
     def method(self, label: str) -> DistillMethod:
         """The built method of the term named ``label``."""
         return self.methods[self._key(label)]
+
+    def frozen_parameters(self, step: int) -> list[nn.Parameter]:
+        """Student parameters some method holds still at ``step`` (see ``DistillMethod.frozen_student_parameters``)."""
+        return [p for m in self.methods.values() for p in m.frozen_student_parameters(step)]
+
+    def optimizer_overrides(self) -> list[tuple[list[nn.Parameter], dict[str, object]]]:
+        """Parameter groups of the methods that train with their own optimiser settings."""
+        return [g for m in self.methods.values() for g in m.optimizer_overrides()]
 
     def weight(self, term: DistillTermConfig, step: int) -> float:
         """The term's weight at ``step``: its ``weight`` (or the method's default), ramped over ``warmup_steps``."""

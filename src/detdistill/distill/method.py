@@ -64,6 +64,8 @@ class BuildContext:
         student_taps: this term's student taps, resolved and measured (channels, stride, kind).
         num_classes: classes of the training data.
         teacher, teacher_adapter, teacher_taps: likewise for the frozen teacher, when there is one.
+        teacher_input_scale: the teacher sees the images resized by this factor, so its tap at
+            stride ``s`` covers ``s / teacher_input_scale`` pixels of the student's input.
     """
 
     term: DistillTermConfig
@@ -74,6 +76,7 @@ class BuildContext:
     teacher: nn.Module | None = None
     teacher_adapter: DetectorAdapter | None = None
     teacher_taps: dict[str, TapInfo] = field(default_factory=dict)
+    teacher_input_scale: float = 1.0
 
     @property
     def label(self) -> str:
@@ -149,6 +152,16 @@ class DistillMethod(nn.Module):
     def student_inputs(self, ctx: StepContext) -> Mapping[str, Any]:
         """Extra training inputs for the student's forward (only with ``Needs.teacher_first``)."""
         return {}
+
+    def frozen_student_parameters(self, step: int) -> list[nn.Parameter]:
+        """Student parameters to hold still at ``step`` (their gradients are dropped before the
+        optimizer step, so neither the update nor weight decay or momentum moves them)."""
+        return []
+
+    def optimizer_overrides(self) -> list[tuple[list[nn.Parameter], dict[str, Any]]]:
+        """``(parameters, {"lr": ..., "weight_decay": ...})`` groups of this method's own parameters
+        that train with other settings than the student (the schedule still scales their lr)."""
+        return []
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:  # type: ignore[override]
         """Unweighted loss parts: ``{"": loss}`` for one term, or ``{"part": loss, ...}``."""

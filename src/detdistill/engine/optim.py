@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,11 +12,17 @@ from torch import nn
 from ..config import TrainConfig
 
 
-def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter],
+                    overrides: Sequence[tuple[list[nn.Parameter], dict[str, Any]]] = ()) -> torch.optim.Optimizer:
+    """SGD or AdamW over ``params``; ``overrides`` are ``(parameters, settings)`` groups (e.g. a KD
+    method's own lr and weight decay), taken out of the default groups."""
+    special = {id(p) for group, _ in overrides for p in group}
     # No weight decay on norm parameters and biases: the usual detection recipe.
-    decay = [p for p in params if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in params if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    decay = [p for p in params if p.requires_grad and p.ndim > 1 and id(p) not in special]
+    no_decay = [p for p in params if p.requires_grad and p.ndim <= 1 and id(p) not in special]
+    groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": cfg.weight_decay},
+                                    {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": [p for p in group if p.requires_grad], **settings} for group, settings in overrides]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr)

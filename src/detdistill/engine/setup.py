@@ -104,7 +104,7 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
                 "feature KD still works, logit KD will refuse")
         distiller = Distiller(model, adapter, cfg.distill, teacher, num_classes=train_set.num_classes).to(device)
     params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
-    optimizer = build_optimizer(cfg.train, params)
+    optimizer = build_optimizer(cfg.train, params, distiller.optimizer_overrides() if distiller is not None else ())
     scheduler = build_scheduler(cfg.train, optimizer)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.train.amp == "fp16" else None
 

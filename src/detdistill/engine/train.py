@@ -83,6 +83,8 @@ def train_one_step(model: nn.Module, adapter: DetectorAdapter, batch: Batch, ste
         total.backward()
     if distiller is not None:
         all_reduce_grads(list(distiller.parameters()), info)  # connectors live outside DDP
+        for p in distiller.frozen_parameters(step):  # e.g. ScaleKD's early backbone freeze
+            p.grad = None  # the optimizer skips it: no update, no decay, no momentum
     if grad_clip:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))

@@ -44,7 +44,9 @@ class KLLogits(DistillMethod):
         s = ctx.student_raw.cls_logits if ctx.student_raw is not None else None
         t = ctx.teacher_raw.cls_logits if ctx.teacher_raw is not None else None
         if s is None or t is None:
-            raise ValueError(f"distill term {self.label!r}: both detectors need dense class logits")
+            who = "student" if s is None else "teacher"
+            raise ValueError(f"distill term {self.label!r}: the {who} has no dense class logits (a two-stage detector?); "
+                             "logit KD needs FCOS/RetinaNet/YOLO heads on both sides; use a feature method")
         if s.shape != t.shape:
             raise ValueError(f"distill term {self.label!r}: student logits {tuple(s.shape)} and teacher logits "
                              f"{tuple(t.shape)} differ; logit KD needs the same head layout "
