@@ -63,8 +63,7 @@ def main() -> None:
         t0 = time.perf_counter()
         train_one_step(plain, adapter, batch, 100 + step, optimizer=opt_p, scheduler=sch_p, grad_clip=cfg.train.grad_clip)
         t1 = time.perf_counter()
-        with torch.no_grad():
-            teacher.adapter.forward_features(teacher.model, batch.images, need_head=need_head)
+        distiller.teacher_forward(batch)  # at the teacher's input scale, as the KD step runs it
         t2 = time.perf_counter()
         train_one_step(student, adapter, batch, 100 + step, optimizer=opt_s, scheduler=sch_s, distiller=distiller,
                        grad_clip=cfg.train.grad_clip)
@@ -75,7 +74,7 @@ def main() -> None:
     print(f"{cfg.name}: methods {[t.method for t in cfg.distill]}, batch {cfg.train.batch_size}x{d.crop_size}px, "
           f"{args.steps} timed steps, torch threads {torch.get_num_threads()}")
     print(f"  student step         {a * 1000:8.0f} ms")
-    print(f"  teacher forward      {b * 1000:8.0f} ms  (head run: {need_head})")
+    print(f"  teacher forward      {b * 1000:8.0f} ms  (head run: {need_head}, input scale {teacher.input_scale})")
     print(f"  distillation step    {c * 1000:8.0f} ms")
     print(f"  ratio KD / (student + teacher) = {c / (a + b):.3f}")
 

@@ -102,7 +102,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("distillation methods (method: family, default weight, paper):")
     for name in METHODS:
         method = METHODS.get(name)
-        print(f"  {name:<6} {method.family:<8} w={method.default_weight:<5} {method.paper}")
+        print(f"  {name:<8} {method.family:<8} w={method.default_weight:<5} {method.paper}")
     print("use `detdistill list --model fcos --backbone resnet18` for a model's tappable layers")
     return 0
 

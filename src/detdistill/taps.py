@@ -15,7 +15,7 @@ silent 0 that would size a connector wrongly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
@@ -135,11 +135,6 @@ def resolve_taps(adapter: _ForwardFeatures, model: nn.Module, available: dict[st
                            "does not reach it or its output is not an (N, C, H, W) map or (N, L, D) sequence. "
                            "Tap a feature-map layer (see `detdistill list --model ...`)")
     return out
-
-
-def with_kind(info: TapInfo, kind: TapKind) -> TapInfo:
-    """A copy of ``info`` with another kind (adapters that know better than the probe)."""
-    return replace(info, kind=kind)
 
 
 class FeatureTaps:

@@ -22,11 +22,17 @@ from detdistill.engine.train import train_one_step
 TEACHER_METHODS = [n for n in METHODS.names() if METHODS.get(n).family != "self"]
 FEATURE_PAIRS = [("neck.p3", "neck.p3"), ("neck.p4", "neck.p4")]
 MSSD_PAIRS = [(f"fpn.p{lvl}", f"pan.p{lvl}") for lvl in (3, 4, 5)]
+HEAD_LEVELS = [(f"neck.p{lvl}", f"neck.p{lvl}") for lvl in (3, 4, 5, 6, 7)]
+
+
+def _pairs(method: str) -> list[tuple[str, str]]:
+    """Pairs a method needs on the FCOS pair: feature maps to imitate, or (ScaleKD) every head level."""
+    family = METHODS.get(method).family
+    return {"feature": FEATURE_PAIRS, "scale": HEAD_LEVELS}.get(family, [])
 
 
 def _term(method: str, **kw) -> DistillTermConfig:
-    pairs = FEATURE_PAIRS if METHODS.get(method).family == "feature" else []
-    return DistillTermConfig(method=method, pairs=kw.pop("pairs", pairs), **kw)
+    return DistillTermConfig(method=method, pairs=kw.pop("pairs", _pairs(method)), **kw)
 
 
 def _connectors(distiller: Distiller) -> list[Connector]:
@@ -76,12 +82,14 @@ def test_one_step_invariants(method, adapter, build, batch, sgd):
     conn_params = [p for c in _connectors(distiller) for p in c.parameters()]
     if family == "feature":  # 32 -> 64 channels: one 1x1 conv per pair
         assert len(_connectors(distiller)) == len(FEATURE_PAIRS) and conn_params
+    elif family == "scale":  # ScaleKD's SDF dimension adapter (identity: both R18 layer4s have 512 channels)
+        assert len(_connectors(distiller)) == 1
     else:
         assert not conn_params
 
-    # The KD term alone sends gradient to the student and to every connector parameter.
+    # The KD term alone (all its parts) sends gradient to the student and to every connector parameter.
     student.train()
-    kd = distiller(student, batch, 0)[f"kd/{method}"]
+    kd = sum(v for k, v in distiller(student, batch, 0).items() if k.startswith(f"kd/{method}"))
     s_params = list(student.parameters())
     grads = torch.autograd.grad(kd, s_params + conn_params, allow_unused=True)
     assert any(_nonzero(g) for g in grads[: len(s_params)]), "KD gradient does not reach the student"
@@ -91,8 +99,10 @@ def test_one_step_invariants(method, adapter, build, batch, sgd):
     s_before = [p.detach().clone() for p in s_params]
     values = train_one_step(student, adapter, batch, 0, optimizer=opt, scheduler=sched, distiller=distiller)
 
-    _assert_positive_finite(values, f"loss/kd/{method}")
-    assert set(_kd_values(values)) == {f"loss/kd/{method}"}
+    parts = set(_kd_values(values))
+    assert parts and all(k == f"loss/kd/{method}" or k.startswith(f"loss/kd/{method}/") for k in parts), parts
+    for key in parts:
+        _assert_positive_finite(values, key)
     assert all(math.isfinite(v) for v in values.values())
     assert any(not torch.equal(a, p) for a, p in zip(s_before, s_params)), "the student did not move"
 
@@ -148,11 +158,11 @@ def test_unknown_params_raise_naming_the_allowed_ones(method, adapter, build, pa
     cls = METHODS.get(method)
     extra = {"channels", "num_scales", "strides"} if cls.family == "self" else set()  # filled in by the method
     allowed = [p for p in inspect.signature(cls.params_signature()).parameters
-               if p not in ("self", "args", "kwargs") and p not in extra]
+               if p not in ("self", "ctx", "args", "kwargs") and p not in extra]
     if cls.family == "self":
         student, teacher, pairs = build("yolo_pafpn"), None, MSSD_PAIRS
     else:
-        (student, t_model), pairs = pair, (FEATURE_PAIRS if cls.family == "feature" else [])
+        (student, t_model), pairs = pair, _pairs(method)
         teacher = Teacher(t_model, adapter)
     term = DistillTermConfig(method=method, pairs=pairs, params={"no_such_param": 1})
     with pytest.raises(ValueError) as err:

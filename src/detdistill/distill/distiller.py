@@ -135,7 +135,9 @@ class Distiller(nn.Module):
                 taps.remove()
         self._student_taps = self._teacher_taps = None
 
-    def _teacher_forward(self, batch: Batch) -> RawOutputs:
+    def teacher_forward(self, batch: Batch) -> RawOutputs:
+        """The frozen teacher's features (and head outputs if a method needs them) for ``batch``,
+        at the teacher's input scale, under ``no_grad``."""
         assert self.teacher is not None
         images = batch.images
         if self.teacher.input_scale != 1.0:
@@ -156,13 +158,13 @@ class Distiller(nn.Module):
             ctx = StepContext(step, batch, student, s_taps, t_taps)
             extra: dict[str, object] = {}
             if self.run_teacher and self.teacher_first:
-                ctx.teacher_raw = self._teacher_forward(batch)
+                ctx.teacher_raw = self.teacher_forward(batch)
                 for m in self.methods.values():
                     extra.update(m.student_inputs(ctx))
             losses, ctx.student_raw = self.student_adapter.forward_train(
                 student, batch, need_raw=self.need_student_head, extra_inputs=extra or None)
             if self.run_teacher and not self.teacher_first:
-                ctx.teacher_raw = self._teacher_forward(batch)
+                ctx.teacher_raw = self.teacher_forward(batch)
             # 3. each method, 4. weighted into the total
             for label, term in self.terms.items():
                 w = self.weight(term, step)
