@@ -45,7 +45,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     val = load_split(cfg, "val")
     print(val.summary())
     if val.class_names != restored.class_names:
-        print(f"warning: checkpoint classes {restored.class_names} differ from the data's {val.class_names}", file=sys.stderr)
+        msg = (f"checkpoint classes {restored.class_names} differ from the data's {val.class_names}: label k of the "
+               "model would be scored as class k of the data")
+        if not args.allow_class_mismatch:
+            raise ValueError(f"{msg}. Evaluate on data with the checkpoint's classes, or pass --allow-class-mismatch "
+                             "if the classes are the same in another spelling")
+        print(f"warning: {msg} (--allow-class-mismatch)", file=sys.stderr)
     with torch.no_grad():
         result = evaluate(restored.model, restored.adapter, EvalDataset(val, EvalTransform()), cfg.eval, device,
                           nms_thresh=restored.config.model.nms_thresh)
@@ -140,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("config")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--checkpoint", required=True)
+    e.add_argument("--allow-class-mismatch", action="store_true",
+                   help="evaluate although the checkpoint's class names differ from the data's (same ids, other names)")
 
     pr = sub.add_parser("predict", help="draw a checkpoint's detections on images")
     pr.add_argument("images", nargs="+")

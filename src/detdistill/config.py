@@ -12,11 +12,17 @@ to the config file's folder, so a config works from any working directory;
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+#: What ``train.device`` (and ``predict --device``) accept.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
 class ConfigError(ValueError):
@@ -88,6 +94,13 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0)
     ckpt_every: int = Field(100, ge=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.match(DEVICE_PATTERN, v):
+            raise ValueError(f"{v!r} is not a device: use auto, cpu, cuda or cuda:N")
+        return v
 
     @field_validator("milestones")
     @classmethod

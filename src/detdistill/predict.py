@@ -18,7 +18,7 @@ from .engine.device import resolve_device
 def predict_images(checkpoint: str | Path, images: list[str | Path], *, out_dir: Path, score_thresh: float = 0.3,
                    tile_size: int = 0, device: str = "auto") -> list[Path]:
     """Predict each image and save ``<out_dir>/<name>.png`` with boxes labelled ``class score``."""
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="--device")
     r = restore_model(checkpoint, dev)
     cfg = EvalConfig(tile_size=tile_size, max_dets=r.config.model.detections_per_img)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -58,12 +58,29 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a kill interrupted; return them.
+
+    :func:`save_checkpoint` removes its temporary file on any exception, but not after a
+    ``kill -9`` or a power cut. Call only where no other process writes checkpoints.
+    """
+    folder = Path(folder)
+    stale = sorted(folder.glob(".*.pt.*.tmp")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``: tensors and plain containers only, no code."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"cannot read checkpoint {path}: the file is empty (0 bytes); it was not written to the end. "
+                         "Delete it, or run with --fresh")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        raise ValueError(f"cannot read checkpoint {path} (not a detdistill checkpoint, or corrupt): {err}") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot read checkpoint {path} (not a detdistill checkpoint, or corrupt): {reason}") from err

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -24,7 +25,7 @@ from ..data.splits import load_split
 from ..data.transforms import EvalTransform, train_transform
 from ..distill.distiller import Distiller, Teacher
 from ..modules import unwrap
-from .checkpoint import load_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, remove_stale_temporaries, set_rng_state
 from .device import resolve_device, seed_everything
 from .distributed import DistInfo, init_distributed, wrap_ddp
 from .optim import build_optimizer, build_scheduler
@@ -78,6 +79,54 @@ def make_autocast(cfg: Config, device: torch.device) -> Callable[[], contextlib.
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: node}
+
+
+#: Config sections whose change makes a checkpoint's weights or KD state meaningless to resume.
+RESUME_SECTIONS = ("model", "distill")
+
+
+def check_resumable(state: dict[str, Any], cfg: Config, class_names: list[str], path: Path, *, explicit: bool) -> None:
+    """Refuse to resume from a checkpoint written under another model, KD terms or classes.
+
+    Compared before any weight is loaded, so the user gets the differing keys instead of a
+    ``size mismatch`` traceback. Schedule keys (``train.steps`` ...) may change: extending
+    a finished run is a resume.
+    """
+    saved = _flat({k: v for k, v in (yaml.safe_load(state.get("config") or "") or {}).items() if k in RESUME_SECTIONS})
+    now = _flat({k: v for k, v in yaml.safe_load(cfg.to_yaml()).items() if k in RESUME_SECTIONS})
+    diffs = [f"{k}: {saved.get(k, '(unset)')!r} in the checkpoint, {now.get(k, '(unset)')!r} now"
+             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if state.get("class_names") is not None and list(state["class_names"]) != list(class_names):
+        diffs.append(f"classes: {state['class_names']} in the checkpoint, {class_names} in the data")
+    if diffs:
+        how = ("pick a checkpoint of this configuration" if explicit else
+               f"run with --fresh to start over (it ignores {path}), or set another output_dir")
+        raise ValueError(f"the checkpoint {path} does not match this config, so it cannot be resumed: "
+                         + "; ".join(diffs[:8]) + (f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else "")
+                         + f". {how[0].upper()}{how[1:]}")
+
+
+def check_training_boxes(train_set: DetectionSet, say: Callable[[str], None]) -> None:
+    """No box at all is an error (nothing to learn, AP "-" at the end); mostly missing label files a warning."""
+    r = train_set.report
+    hint = ("YOLO label files are found by replacing the last `images` folder of each image path with `labels` "
+            "and the suffix with .txt; check the format and paths in `data.train`")
+    if r.boxes == 0:
+        raise ValueError(f"the training split {train_set.source} has no boxes in its {r.images} images "
+                         f"({r.background_missing} without a label file, {r.background_empty} with an empty one): "
+                         f"nothing to train on. {hint}")
+    if r.background_missing > r.images / 2:
+        say(f"warning: {r.background_missing} of the {r.images} training images have no label file and train as "
+            f"background. {hint}")
+
+
 def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[str], None] = print) -> Run:
     """Set up a run of ``cfg``: ``resume=True`` continues from ``<run_dir>/checkpoints/last.pt``
     when it exists, a path continues from that checkpoint, ``False`` starts fresh."""
@@ -93,6 +142,7 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
         raise ValueError(f"train and val class names differ: {train_set.class_names} vs {val_set.class_names}")
     say(train_set.summary())
     say(val_set.summary())
+    check_training_boxes(train_set, say)
 
     adapter = get_adapter(cfg.model.framework)
     model = adapter.build(cfg.model, train_set.num_classes).to(device)
@@ -108,10 +158,16 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
     scheduler = build_scheduler(cfg.train, optimizer)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.train.amp == "fp16" else None
 
+    if info.is_main:
+        stale = remove_stale_temporaries(cfg.run_dir / "checkpoints")
+        if stale:
+            say(f"removed {len(stale)} temporary checkpoint file(s) left by an interrupted write: "
+                + ", ".join(p.name for p in stale))
     start = 0
     ckpt_path = Path(resume) if isinstance(resume, (str, Path)) else cfg.run_dir / "checkpoints" / "last.pt"
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
+        check_resumable(state, cfg, train_set.class_names, ckpt_path, explicit=isinstance(resume, (str, Path)))
         unwrap(model).load_state_dict(state["model"])
         if distiller is not None and state.get("distiller"):
             distiller.load_state_dict(state["distiller"])

@@ -149,7 +149,7 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
     info, say, model, distiller, start = run.info, run.say, run.model, run.distiller, run.start
     adapter, optimizer, scheduler, scaler = run.adapter, run.optimizer, run.scheduler, run.scaler
     run_dir, ckpt_dir, train_set = run.run_dir, run.ckpt_dir, run.train_set
-    logger = MetricsLogger(run_dir) if info.is_main else None
+    logger = MetricsLogger(run_dir, resume_step=start, final_step=cfg.train.steps) if info.is_main else None
 
     def run_eval(step: int) -> EvalResult:
         result = evaluate(model, adapter, run.val_ds, cfg.eval, run.device, info=info, progress=progress,

@@ -53,10 +53,13 @@ class MetricsLogger:
             warning if tensorboard is not importable).
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None,
+                 final_step: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            self._truncate(resume_step, final_step)
         self._fh = self.path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard:
@@ -66,6 +69,23 @@ class MetricsLogger:
                 self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
             except Exception as e:  # missing tensorboard must not kill a training run
                 log.warning("TensorBoard logging disabled: %s", e)
+
+    def _truncate(self, resume_step: int, final_step: int | None) -> None:
+        """Drop the records a resumed run will write again: training steps after ``resume_step``,
+        and evaluations after it (at it too when it is the final step, which is evaluated again)."""
+        if not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+                step, split = int(rec["step"]), rec["split"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a kill mid-write
+            redo = step > resume_step or (split == "eval" and step == resume_step and resume_step == final_step)
+            if not redo:
+                keep.append(line)
+        self.path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
 
     def log(self, step: int, split: str, values: Mapping[str, Any]) -> None:
         """Append one record and mirror its numeric values as ``f"{split}/{key}"`` scalars."""
