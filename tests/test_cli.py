@@ -84,6 +84,9 @@ def test_train_eval_predict_export(tmp_path, tiny_config_yaml, crop_dataset, cap
     assert (exp / "model.safetensors").is_file() and (exp / "load_model.py").is_file()
     spec = json.loads((exp / "model.json").read_text())
     assert spec["arch"] == "fcos" and spec["fpn_channels"] == 32 and spec["num_classes"] == 5
+    # self-describing: label k is class_names[k] (the sample's classes.txt), category_ids[k] its original id
+    assert spec["class_names"] == ["car", "truck", "bus", "minibus", "cyclist"] and spec["category_ids"] == [0, 1, 2, 3, 4]
+    assert json.loads((run / "export" / "model.json").read_text())["class_names"][0] == "car"
 
 
 def test_installed_entry_point_help():

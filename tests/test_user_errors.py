@@ -146,3 +146,33 @@ def test_an_empty_checkpoint_says_why(tmp_path):
     junk.write_bytes(b"not a zip file at all")
     with pytest.raises(ValueError, match=r"junk.pt \(not a detdistill checkpoint, or corrupt\): \S+"):
         load_checkpoint(junk)
+
+
+def test_kd_term_errors_come_before_data_loads_and_leave_no_run_dir(tiny_config_yaml, tmp_path, capsys):
+    cfg = tiny_config_yaml(teacher={"checkpoint": str(tmp_path / "nowhere.pt")},
+                           distill=[{"method": "pkdd", "pairs": [["neck.p3", "neck.p3"]]}])
+    assert main(["distill", str(cfg), "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert "unknown distillation method 'pkdd'" in captured.err and "pkd" in captured.err
+    assert "DetectionSet" not in captured.out  # the data was never read
+    cfg = tiny_config_yaml(name="t2.yaml", distill=[{"method": "kl", "params": {"temprature": 2}}],
+                           teacher={"checkpoint": str(tmp_path / "nowhere.pt")})
+    assert main(["distill", str(cfg), "--quiet"]) == 2
+    assert "unknown params ['temprature']" in capsys.readouterr().err
+    assert not _run(tmp_path).exists()
+
+
+def test_logit_kd_with_a_teacher_of_other_classes_is_refused_at_build(tiny_config_yaml, tmp_path, capsys):
+    teacher_cfg = tiny_config_yaml(name="teacher.yaml")
+    # a 3-class teacher: the same images with a 3-name classes file
+    three = tmp_path / "three.txt"
+    three.write_text("car\ntruck\nbus\n")
+    assert main(["train", str(teacher_cfg), "train.steps=1", "output_dir=" + str(tmp_path / "T"),
+                 f"data.train.classes={three}", f"data.val.classes={three}", "--quiet"]) == 0
+    capsys.readouterr()
+    cfg = tiny_config_yaml(name="kl.yaml", distill=[{"method": "kl"}],
+                           teacher={"checkpoint": str(tmp_path / "T" / "checkpoints" / "last.pt")})
+    assert main(["distill", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the teacher has 3 classes" in err and "the data 5" in err
+    assert not (_run(tmp_path) / "checkpoints").exists()

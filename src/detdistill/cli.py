@@ -75,7 +75,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .engine.restore import restore_model
 
     r = restore_model(args.checkpoint)
-    path = r.adapter.export(r.model, r.config.model, len(r.class_names), Path(args.out))
+    path = r.adapter.export(r.model, r.config.model, len(r.class_names), Path(args.out), class_names=r.class_names,
+                            category_ids=r.category_ids)
     print(f"student-only weights: {path} (see {Path(args.out) / 'model.json'})")
     return 0
 

@@ -8,7 +8,7 @@ talk to models only through a :class:`DetectorAdapter`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -87,8 +87,10 @@ class DetectorAdapter(Protocol):
         """Detections per image, in each image's pixel frame (eval mode, no grad)."""
         ...
 
-    def export(self, model: nn.Module, cfg: "ModelConfig", num_classes: int, out_dir: Path) -> Path:
-        """Write a checkpoint that loads in the plain framework without detdistill; return its path."""
+    def export(self, model: nn.Module, cfg: "ModelConfig", num_classes: int, out_dir: Path, *,
+               class_names: Sequence[str] | None = None, category_ids: Sequence[int] | None = None) -> Path:
+        """Write a checkpoint that loads in the plain framework without detdistill; return its path.
+        ``model.json`` names the classes (label k -> ``class_names[k]``, ``category_ids[k]``)."""
         ...
 
 

@@ -25,8 +25,19 @@ from torch import nn
 
 
 def write_export(model: nn.Module, out_dir: str | Path, spec: dict[str, Any], loader: ModuleType,
-                 companions: Sequence[ModuleType] = ()) -> Path:
-    """Write ``model`` (bare, not DDP-wrapped) with ``spec`` and the ``loader`` module; return the weights path."""
+                 companions: Sequence[ModuleType] = (), *, class_names: Sequence[str] | None = None,
+                 category_ids: Sequence[int] | None = None) -> Path:
+    """Write ``model`` (bare, not DDP-wrapped) with ``spec`` and the ``loader`` module; return the weights path.
+
+    ``model.json`` also names the classes: label ``k`` of the model is ``class_names[k]``, and
+    ``category_ids[k]`` is its id in the original annotations (COCO ids; ``k`` for YOLO/VOC).
+    """
+    n = int(spec["num_classes"])
+    names = list(class_names) if class_names is not None else [str(k) for k in range(n)]
+    ids = list(category_ids) if category_ids is not None else list(range(n))
+    if len(names) != n or len(ids) != n:
+        raise ValueError(f"export: {len(names)} class names / {len(ids)} category ids for a {n}-class model")
+    spec = {**spec, "class_names": names, "category_ids": ids}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -21,7 +21,7 @@ torchvision quirks handled here and nowhere else:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +249,8 @@ class TorchvisionAdapter:
         return [Detections(o["boxes"].float(), o["scores"].float(), o["labels"].long() - shift) for o in outs]
 
     # ---- export -----------------------------------------------------------------
-    def export(self, model: nn.Module, cfg: ModelConfig, num_classes: int, out_dir: Path) -> Path:
+    def export(self, model: nn.Module, cfg: ModelConfig, num_classes: int, out_dir: Path, *,
+               class_names: Sequence[str] | None = None, category_ids: Sequence[int] | None = None) -> Path:
         """``model.safetensors`` + ``model.json`` + ``load_model.py`` (torchvision-only loader)."""
         bare = unwrap(model)
         spec = _spec(cfg, num_classes)
@@ -258,7 +259,7 @@ class TorchvisionAdapter:
         spec["group_norm_groups"] = {n: m.num_groups for n, m in bare.named_modules() if isinstance(m, nn.GroupNorm)}
         # The PAFPN neck is detdistill's own torch-only module: its source travels with the weights.
         companions = [pafpn] if cfg.arch == "yolo_pafpn" else []
-        return write_export(bare, out_dir, spec, tvd, companions)
+        return write_export(bare, out_dir, spec, tvd, companions, class_names=class_names, category_ids=category_ids)
 
 
 ADAPTERS.add("torchvision", TorchvisionAdapter())

@@ -80,7 +80,7 @@ def _undo_import_patches() -> None:
         os.environ.pop("OMP_NUM_THREADS", None)
 
 
-from collections.abc import Mapping  # noqa: E402
+from collections.abc import Mapping, Sequence  # noqa: E402
 
 from torch import Tensor, nn  # noqa: E402
 from ultralytics.nn.modules.head import Detect  # noqa: E402
@@ -529,7 +529,8 @@ class UltralyticsAdapter:
         return results
 
     # ---- export -----------------------------------------------------------------
-    def export(self, model: nn.Module, cfg: ModelConfig, num_classes: int, out_dir: Path) -> Path:
+    def export(self, model: nn.Module, cfg: ModelConfig, num_classes: int, out_dir: Path, *,
+               class_names: Sequence[str] | None = None, category_ids: Sequence[int] | None = None) -> Path:
         """``model.safetensors`` + ``model.json`` (the full model YAML) + ``load_model.py`` (ultralytics only)."""
         bare = unwrap(model)
         _detect(bare)
@@ -538,7 +539,7 @@ class UltralyticsAdapter:
                 "score_thresh": cfg.score_thresh, "nms_thresh": cfg.nms_thresh, "detections_per_img": cfg.detections_per_img,
                 "input": "RGB float in [0, 1], native resolution, padded bottom/right to a multiple of "
                          f"{_max_stride(bare)} with {PAD_VALUE:.4f}"}
-        return write_export(bare, out_dir, spec, ultralytics_loader)
+        return write_export(bare, out_dir, spec, ultralytics_loader, class_names=class_names, category_ids=category_ids)
 
 
 ADAPTERS.add("ultralytics", UltralyticsAdapter())

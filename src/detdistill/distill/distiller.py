@@ -84,7 +84,8 @@ class Distiller(nn.Module):
             n = needs[label]
             ctx = BuildContext(term, unwrap(student), student_adapter, {k: self.s_info[k] for k in n.student_taps},
                                num_classes, teacher.model if teacher else None, teacher.adapter if teacher else None,
-                               {k: self.t_info[k] for k in n.teacher_taps}, teacher.input_scale if teacher else 1.0)
+                               {k: self.t_info[k] for k in n.teacher_taps}, teacher.input_scale if teacher else 1.0,
+                               teacher.class_names if teacher else None)
             self.methods[self._key(label)] = classes[label](ctx, **term.params)
         self.need_teacher_head = any(n.teacher_head for n in needs.values())
         self.need_student_head = any(n.student_head for n in needs.values())

@@ -66,6 +66,7 @@ class BuildContext:
         teacher, teacher_adapter, teacher_taps: likewise for the frozen teacher, when there is one.
         teacher_input_scale: the teacher sees the images resized by this factor, so its tap at
             stride ``s`` covers ``s / teacher_input_scale`` pixels of the student's input.
+        teacher_class_names: the teacher's classes (from its checkpoint), when known.
     """
 
     term: DistillTermConfig
@@ -77,6 +78,7 @@ class BuildContext:
     teacher_adapter: DetectorAdapter | None = None
     teacher_taps: dict[str, TapInfo] = field(default_factory=dict)
     teacher_input_scale: float = 1.0
+    teacher_class_names: list[str] | None = None
 
     @property
     def label(self) -> str:

@@ -113,6 +113,18 @@ def check_resumable(state: dict[str, Any], cfg: Config, class_names: list[str], 
                          + f". {how[0].upper()}{how[1:]}")
 
 
+def check_terms(cfg: Config) -> None:
+    """Method names, their params and pairs, and the teacher they need: errors in seconds, not
+    after the data and the teacher have loaded."""
+    from ..distill.methods import METHODS
+
+    for term in cfg.distill:
+        method = METHODS.get(term.method)
+        method.check_params(term)
+        if method.needs(term).teacher and cfg.teacher is None:
+            raise ValueError(f"distill term {term.label!r} ({term.method}) needs a teacher: set `teacher.checkpoint`")
+
+
 def check_training_boxes(train_set: DetectionSet, say: Callable[[str], None]) -> None:
     """No box at all is an error (nothing to learn, AP "-" at the end); mostly missing label files a warning."""
     r = train_set.report
@@ -136,6 +148,7 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     say = log if info.is_main else (lambda _m: None)
+    check_terms(cfg)  # before any data is read or anything is written
     seed_everything(cfg.seed)
     train_set, val_set = load_split(cfg, "train"), load_split(cfg, "val")
     if train_set.class_names != val_set.class_names:

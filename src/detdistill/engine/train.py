@@ -205,7 +205,8 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
             if info.is_main:
                 (run_dir / "final_metrics.json").write_text(json.dumps(
                     {k: (v if math.isfinite(v) else None) for k, v in final.as_dict().items()}, indent=2))
-                adapter.export(model, cfg.model, train_set.num_classes, run_dir / "export")
+                adapter.export(model, cfg.model, train_set.num_classes, run_dir / "export",
+                               class_names=train_set.class_names, category_ids=train_set.category_ids)
     except NonFiniteLossError as err:
         raise NonFiniteLossError(f"{err}. Last good checkpoint: {ckpt_dir / 'last.pt'}") from None
     finally:

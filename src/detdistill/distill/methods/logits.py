@@ -38,6 +38,10 @@ class KLLogits(DistillMethod):
     def __init__(self, ctx: BuildContext, **params: Any) -> None:
         super().__init__()
         self.label = ctx.label
+        t_names = ctx.teacher_class_names
+        if t_names is not None and ctx.num_classes is not None and len(t_names) != ctx.num_classes:
+            raise ValueError(f"distill term {ctx.label!r} (kl): the teacher has {len(t_names)} classes {t_names} and the "
+                             f"data {ctx.num_classes}; logit KD compares class k with class k")
         self.loss_fn = KLLogitLoss(**params)
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:  # type: ignore[override]
