@@ -65,7 +65,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_images
 
     paths = predict_images(args.checkpoint, args.images, out_dir=Path(args.out), score_thresh=args.score,
-                           tile_size=args.tile, device=args.device)
+                           tile_size=args.tile, device=args.device, json_path=Path(args.json) if args.json else None,
+                           progress=not args.quiet)
     for p in paths:
         print(p)
     return 0
@@ -150,12 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate although the checkpoint's class names differ from the data's (same ids, other names)")
 
     pr = sub.add_parser("predict", help="draw a checkpoint's detections on images")
-    pr.add_argument("images", nargs="+")
+    pr.add_argument("images", nargs="+", help="image files and/or folders of images")
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("--out", default="predictions")
     pr.add_argument("--score", type=float, default=0.3, help="minimum score drawn")
     pr.add_argument("--tile", type=int, default=0, help="tile size for large images (0: whole image)")
     pr.add_argument("--device", default="auto")
+    pr.add_argument("--json", help="also write every detection here, in the COCO results format")
+    pr.add_argument("--quiet", action="store_true")
 
     ex = sub.add_parser("export", help="write a student-only checkpoint loadable without detdistill")
     ex.add_argument("--checkpoint", required=True)

@@ -157,3 +157,21 @@ def test_aggregate_seeds() -> None:
     assert "32.0 ± 2.0" in format_metrics_table([agg], ["AP"])
     with pytest.raises(ValueError):
         aggregate_seeds([])
+
+
+def test_progress_is_plain_lines_without_a_terminal(tiny_config, capsys, monkeypatch):
+    """Under CI or nohup (stderr not a TTY) training prints one plain line per logging window
+    and no carriage-return bar frames."""
+    from detdistill.engine.train import train
+    from detdistill.report.progress import plain_progress_line
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    lines: list[str] = []
+    train(tiny_config(train__steps=2, train__log_every=1), resume=False, progress=True, log=lines.append)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    steps = [ln for ln in lines if ": step " in ln and "s/step" in ln]
+    assert [ln.split(": step ")[1].split("/")[0] for ln in steps] == ["1", "2"], lines
+    assert plain_progress_line("run", 100, 400, 1.23456, 0.5) == \
+        "run: step 100/400 (25%), loss 1.235, 0.50 s/step, ETA 2m30s"
+    assert plain_progress_line("run", 0, 10_000, 1.0, 2.0).endswith("ETA 5h33m")

@@ -10,6 +10,7 @@ from ..adapters.base import DetectorAdapter
 from ..config import EvalConfig
 from ..data.dataset import EvalDataset
 from ..data.tiling import merge_tile_detections, tile_windows
+from ..report.progress import live_bar
 from ..structures import Detections
 from .coco_eval import CocoEvaluator, EvalResult
 from .distributed import DistInfo
@@ -49,7 +50,7 @@ def evaluate(model: nn.Module, adapter: DetectorAdapter, dataset: EvalDataset, c
     evaluator = CocoEvaluator(dset.class_names, dset.category_ids, max_dets=cfg.max_dets)
     n = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     indices = range(info.rank, n, info.world_size)
-    for i in tqdm(indices, desc="eval", unit="img", disable=not (progress and info.is_main), leave=False):
+    for i in tqdm(indices, desc="eval", unit="img", disable=not (live_bar(progress) and info.is_main), leave=False):
         image, _ = dataset[i]
         sample = dset.samples[i]
         dets = predict_image(model, adapter, image.to(device), cfg, nms_thresh=nms_thresh)

@@ -113,6 +113,10 @@ def check_resumable(state: dict[str, Any], cfg: Config, class_names: list[str], 
                          + f". {how[0].upper()}{how[1:]}")
 
 
+def _names(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
+
+
 def check_terms(cfg: Config) -> None:
     """Method names, their params and pairs, and the teacher they need: errors in seconds, not
     after the data and the teacher have loaded."""
@@ -154,7 +158,7 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
     if train_set.class_names != val_set.class_names:
         raise ValueError(f"train and val class names differ: {train_set.class_names} vs {val_set.class_names}")
     say(train_set.summary())
-    say(val_set.summary())
+    say(val_set.summary() if val_set.source != train_set.source else f"val: the same set as train ({val_set.source})")
     check_training_boxes(train_set, say)
 
     adapter = get_adapter(cfg.model.framework)
@@ -163,8 +167,9 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
     if cfg.distill:
         teacher = load_teacher(cfg.teacher, device) if cfg.teacher is not None else None
         if teacher is not None and teacher.class_names != train_set.class_names:
-            say(f"note: teacher classes {teacher.class_names} differ from the data's {train_set.class_names}; "
-                "feature KD still works, logit KD will refuse")
+            say(f"note: the teacher's {len(teacher.class_names or [])} classes ({_names(teacher.class_names or [])}) "
+                f"differ from the data's {train_set.num_classes} ({_names(train_set.class_names)}); "
+                "feature KD still works, logit KD refuses")
         distiller = Distiller(model, adapter, cfg.distill, teacher, num_classes=train_set.num_classes).to(device)
     params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
     optimizer = build_optimizer(cfg.train, params, distiller.optimizer_overrides() if distiller is not None else ())

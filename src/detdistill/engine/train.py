@@ -28,6 +28,7 @@ from ..distill.distiller import Distiller
 from ..modules import unwrap
 from ..report.metrics_log import MetricsLogger
 from ..report.plots import plot_run
+from ..report.progress import live_bar, plain_progress_line
 from ..structures import Batch
 from .checkpoint import rng_state, save_checkpoint
 from .coco_eval import EvalResult
@@ -169,7 +170,7 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
     warned: set[str] = set()
     step_times: list[float] = []
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
-    bar = tqdm(total=cfg.train.steps, initial=start, desc=cfg.name, unit="step", disable=not (progress and info.is_main),
+    bar = tqdm(total=cfg.train.steps, initial=start, desc=cfg.name, unit="step", disable=not (live_bar(progress) and info.is_main),
                dynamic_ncols=True)
     step = start
     final: EvalResult | None = None
@@ -191,6 +192,8 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
                 means["sec_per_step"] = float(np.mean(step_times[-len(window["loss"]):]))
                 window.clear()
                 bar.set_postfix(loss=f"{means['loss']:.3f}")
+                if progress and not live_bar(progress):  # a log file: one plain line per logging window
+                    say(plain_progress_line(cfg.name, done, cfg.train.steps, means["loss"], means["sec_per_step"]))
                 _warn_stuck_terms(means, stuck_history, warned, done, say)
                 if logger is not None:
                     logger.log(done, "train", means)
