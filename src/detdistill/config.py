@@ -75,6 +75,7 @@ class DataConfig(_Strict):
     strict: bool = False
     cache_images: bool = True
     workers: int = Field(2, ge=0)
+    verify_images: bool = False  # decode every image when the data loads: a corrupt file fails at once, named
 
 
 class TrainConfig(_Strict):

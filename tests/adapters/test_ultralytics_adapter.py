@@ -500,3 +500,23 @@ def test_predict_image_tiled(adapter: UltralyticsAdapter) -> None:
     torch.testing.assert_close(dets.boxes, b[keep], rtol=0, atol=0)
     torch.testing.assert_close(dets.scores, s[keep], rtol=0, atol=0)
     assert torch.equal(dets.labels, lab[keep])
+
+
+def test_ultralytics_pt_without_a_restricted_loader_is_refused(adapter: UltralyticsAdapter, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ultralytics whose torch_safe_load has no ``safe_only`` would unpickle the whole file:
+    the adapter refuses instead of falling back, and says what to do."""
+    import ultralytics.nn.tasks as tasks
+
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(b"not even read")
+
+    def old_loader(weight):  # the signature of an ultralytics without the restricted loader
+        marker.touch()
+        raise AssertionError("must not be called")
+
+    monkeypatch.setattr(tasks, "torch_safe_load", old_loader)
+    with pytest.raises(ValueError, match="no restricted loader.*convert the checkpoint to a state dict"):
+        adapter.build(_cfg(weights=str(path)), 3)
+    assert not marker.exists()

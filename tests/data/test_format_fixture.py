@@ -60,3 +60,29 @@ def test_coco_keeps_its_category_ids() -> None:
     data = load_coco(FIXTURE / "coco.json", FIXTURE / "images")
     assert data.category_ids == [3, 7]
     assert {s.image_id for s in data.samples} == {10, 20}
+
+
+def test_verify_images_finds_a_truncated_jpeg_when_the_data_loads(tmp_path: Path) -> None:
+    """A truncated JPEG has a readable header (the reader takes its size) but no pixels: only
+    decoding finds it. With ``data.verify_images`` it fails at load, naming the file."""
+    import shutil
+
+    from PIL import Image
+
+    from detdistill.config import config_from_dict
+    from detdistill.data.splits import load_split
+
+    root = tmp_path / "ds"
+    shutil.copytree(FIXTURE / "images", root / "images")
+    shutil.copytree(FIXTURE / "labels", root / "labels")
+    Image.open(root / "images" / "wide.png").convert("RGB").resize((480, 240)).save(root / "images" / "wide.jpg")
+    (root / "images" / "wide.png").unlink()
+    data = (root / "images" / "wide.jpg").read_bytes()
+    (root / "images" / "wide.jpg").write_bytes(data[: len(data) // 3])
+    (root / "list.txt").write_text("images/wide.jpg\nimages/tall.png\n")
+    src = {"format": "yolo", "path": str(root / "list.txt"), "classes": str(FIXTURE / "classes.txt")}
+    cfg = config_from_dict({"data": {"train": src, "val": src}})
+    assert len(load_split(cfg, "train").samples) == 2  # the header is fine: loads without verification
+    cfg = config_from_dict({"data": {"train": src, "val": src, "verify_images": True}})
+    with pytest.raises(ValueError, match=r"cannot decode image .*wide\.jpg.*data.verify_images"):
+        load_split(cfg, "train")

@@ -310,18 +310,22 @@ def _run_layers(model: nn.Module, x: Tensor, stop: int) -> Tensor | Any:
 def _load_ultralytics_pt(model: nn.Module, path: Path) -> None:
     """Copy the weights of an ultralytics ``.pt`` checkpoint (a pickled whole model) into ``model``.
 
-    This unpickles a *trusted local file* through ultralytics' own loader
-    (``torch_safe_load``), unlike detdistill's own checkpoints, which are read with
-    ``weights_only=True``. Where the installed ultralytics offers it, the restricted
-    allow-list load (``safe_only=True``) is used, which also disables ultralytics'
-    auto-install of modules a checkpoint names. Backbone and neck must match exactly; the
+    Read through ultralytics' own restricted loader (``torch_safe_load(safe_only=True)``):
+    ``weights_only`` unpickling of an allow-list of ultralytics classes, which also disables
+    ultralytics' auto-install of modules a checkpoint names. An ultralytics without that
+    option is refused: there is no fall-back to a full unpickle. Backbone and neck must match exactly; the
     head's class convolutions are kept random when the number of classes differs.
     """
     import inspect
 
     from ultralytics.nn.tasks import torch_safe_load
 
-    kwargs = {"safe_only": True} if "safe_only" in inspect.signature(torch_safe_load).parameters else {}
+    if "safe_only" not in inspect.signature(torch_safe_load).parameters:
+        # Without it, ultralytics unpickles the whole file (arbitrary code): refuse rather than fall back.
+        raise ValueError(f"cannot read ultralytics checkpoint {path} safely: the installed ultralytics "
+                         f"{ultralytics.__version__} has no restricted loader (torch_safe_load(safe_only=...)); "
+                         "upgrade ultralytics, or convert the checkpoint to a state dict (e.g. safetensors) and load that")
+    kwargs = {"safe_only": True}
     try:
         # ultralytics rewrites names like ``yolov5s.pt`` to ``yolov5su.pt`` and downloads what is
         # missing: hand it the file under a neutral name in a private folder instead.

@@ -40,7 +40,8 @@ def decode_image(path: str | Path) -> Tensor:
             with Image.open(path) as im:
                 arr = np.asarray(im.convert("RGB"))
         except Exception as e:  # PIL raises many types for corrupt data
-            raise ValueError(f"cannot decode image {path}: {e}") from None
+            raise ValueError(f"cannot decode image {path}: {e} (set `data.verify_images: true` to decode every "
+                             "image when the data loads, so a corrupt file fails at once)") from None
         img = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     if img.dtype != torch.uint8:
         img = F.to_dtype(img, torch.uint8, scale=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Config
+from .image_io import decode_image
 from .readers import load_detection_set
 from .sample import DetectionSet
 
@@ -20,4 +21,13 @@ def load_split(cfg: Config, split: str) -> DetectionSet:
             kwargs["classes"] = src.classes
         if src.format == "yolo":
             kwargs["split"] = src.split or split  # which key of a dataset.yaml
-    return load_detection_set(src.format, src.path, **kwargs)
+    dset = load_detection_set(src.format, src.path, **kwargs)
+    if cfg.data.verify_images:
+        verify_images(dset)
+    return dset
+
+
+def verify_images(dset: DetectionSet) -> None:
+    """Decode every image of ``dset`` (a truncated JPEG's header reads fine; its pixels do not)."""
+    for s in dset.samples:
+        decode_image(s.path)
