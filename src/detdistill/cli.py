@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ def _cmd_train(args: argparse.Namespace, *, need_distill: bool = False) -> int:
         return 2
     resume: bool | str = args.resume if args.resume else not args.fresh
     result = train(cfg, resume=resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone reports
+        return 0
     if result.final is not None:
         row = {"name": cfg.name, **result.final.as_dict()}
         print(format_metrics_table([row], ["name", "AP", "AP50", "AP75", "APs", "APm", "APl"]))
@@ -188,8 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point. User errors (config, data, layer names, missing files) print one clear
     message and exit 2; set ``DETDISTILL_DEBUG=1`` to see the traceback instead."""
-    import os
-
     args = build_parser().parse_args(argv)
     from .config import ConfigError
 

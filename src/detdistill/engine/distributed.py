@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +28,34 @@ class DistInfo:
         return self.rank == 0
 
 
+def exit_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux ``prctl``).
+
+    torchrun forwards SIGINT/SIGTERM to its ranks, but a launcher killed with SIGKILL (or an
+    OOM kill) forwards nothing, and the ranks would train on as orphans. Returns whether it
+    could be set (False off Linux). torch itself offers no such option.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    # The parent may have died before the prctl: then we are already an orphan.
+    return os.getppid() != 1
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes in the environment; a no-op for one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    exit_with_parent()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -52,6 +77,15 @@ def all_reduce_grads(params: list[nn.Parameter], info: DistInfo) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad.div_(info.world_size)
+
+
+def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """The mean of each logged value over the ranks (every rank passes the same keys)."""
+    if not info.enabled:
+        return values
+    keys = sorted(values)
+    mean = reduce_mean(torch.tensor([values[k] for k in keys], dtype=torch.float64), info)
+    return dict(zip(keys, mean.tolist()))
 
 
 def reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -33,7 +33,7 @@ from ..structures import Batch
 from .checkpoint import rng_state, save_checkpoint
 from .coco_eval import EvalResult
 from .device import peak_memory_mb
-from .distributed import DistInfo, all_reduce_grads, cleanup, gather_objects, reduce_mean
+from .distributed import DistInfo, all_reduce_grads, cleanup, gather_objects, mean_over_ranks, reduce_mean
 from .evaluate import evaluate
 from .setup import build_run
 
@@ -190,6 +190,7 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
             if done % cfg.train.log_every == 0 or done == end:
                 means = {k: float(np.mean(v)) for k, v in window.items()}
                 means["sec_per_step"] = float(np.mean(step_times[-len(window["loss"]):]))
+                means = mean_over_ranks(means, info)  # each rank saw its own share of the global batch
                 window.clear()
                 bar.set_postfix(loss=f"{means['loss']:.3f}")
                 if progress and not live_bar(progress):  # a log file: one plain line per logging window
