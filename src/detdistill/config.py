@@ -56,11 +56,21 @@ class ModelConfig(_Strict):
 class DataSourceConfig(_Strict):
     """One split of a dataset in one of the registered formats."""
 
-    format: Literal["coco", "yolo", "voc"]
+    format: Literal["coco", "yolo", "voc", "visdrone"]
     path: str
     images: str | None = None
     classes: list[str] | str | None = None
     split: str | None = None  # key of an ultralytics dataset.yaml; defaults to train/val by position
+    others: Literal["ignore", "class", "drop"] | None = None  # visdrone: category 11; default ignore
+
+    @model_validator(mode="after")
+    def _format_options(self) -> "DataSourceConfig":
+        if self.others is not None and self.format != "visdrone":
+            raise ValueError(f"`others` applies to format visdrone, not {self.format}")
+        if self.format == "visdrone" and (self.classes is not None or self.images is not None):
+            raise ValueError("format visdrone has fixed classes and an images/ folder under `path`: "
+                             "remove `classes` / `images`")
+        return self
 
 
 class DataConfig(_Strict):

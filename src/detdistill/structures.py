@@ -77,6 +77,10 @@ class Detections:
         return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device))
 
 
+#: The label of a crowd (ignore) region that covers every class, e.g. VisDrone's ignored
+#: regions: detections of any class inside it are neither true nor false positives.
+ANY_CLASS = -1
+
 BoxFormat = Literal["fcos_ltrb", "retinanet_deltas", "yolo_dfl", "cxcywh_norm"]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from detdistill.data.coco import load_coco
 from detdistill.data.sample import DetectionSet
+from detdistill.data.visdrone import load_visdrone
 from detdistill.data.voc import load_voc
 from detdistill.data.yolo import load_yolo
 from detdistill.registry import Registry
@@ -20,6 +21,7 @@ READERS: Registry[Callable[..., DetectionSet]] = Registry("data format")
 READERS.add("coco", load_coco)
 READERS.add("yolo", load_yolo)
 READERS.add("voc", load_voc)
+READERS.add("visdrone", load_visdrone)
 
 
 def load_detection_set(format: str, path: str | Path, **kwargs: Any) -> DetectionSet:

@@ -16,6 +16,8 @@ def load_split(cfg: Config, split: str) -> DetectionSet:
     kwargs: dict[str, Any] = {"strict": cfg.data.strict}
     if src.format == "coco":
         kwargs["images_dir"] = src.images
+    elif src.format == "visdrone":
+        kwargs["others"] = src.others or "ignore"
     else:
         if src.classes is not None:
             kwargs["classes"] = src.classes

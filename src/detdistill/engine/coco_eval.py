@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from detdistill.structures import Detections
+from detdistill.structures import ANY_CLASS, Detections
 
-__all__ = ["CocoEvaluator", "EvalResult"]
+__all__ = ["CocoEvaluator", "EvalResult", "ANY_CLASS"]
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,8 @@ class CocoEvaluator:
             width, height: image size in pixels (stored in the COCO ``images`` entry).
             boxes: ``(K, 4)`` xyxy pixels.
             labels: ``(K,)`` contiguous class indices.
-            iscrowd: optional ``(K,)`` bool; crowd boxes are "ignore" regions.
+            iscrowd: optional ``(K,)`` bool; crowd boxes are "ignore" regions of their class, or
+                of every class when their label is :data:`ANY_CLASS` (VisDrone's ignored regions).
             areas: optional ``(K,)`` object areas used for the small/medium/large split
                 (e.g. COCO's segmentation areas); default is the box area.
         """
@@ -177,8 +178,9 @@ class CocoEvaluator:
         lab = _to_numpy(labels, np.int64).reshape(-1)
         if len(b) != len(lab):
             raise ValueError(f"image {image_id}: {len(b)} boxes but {len(lab)} labels")
-        self._check_labels(lab, f"image {image_id} ground-truth")
         crowd = np.zeros(len(b), bool) if iscrowd is None else _to_numpy(iscrowd, bool).reshape(-1)
+        if len(crowd) == len(lab):  # a crowd region of label ANY_CLASS ignores detections of every class
+            self._check_labels(lab[~(crowd & (lab == ANY_CLASS))], f"image {image_id} ground-truth")
         if areas is None:
             area = (b[:, 2] - b[:, 0]).clip(min=0) * (b[:, 3] - b[:, 1]).clip(min=0)
         else:
@@ -236,16 +238,18 @@ class CocoEvaluator:
             images.append({"id": img_id, "width": w, "height": h})
             for box, lab, c, a in zip(boxes, labels, crowd, area):
                 x1, y1, x2, y2 = (float(v) for v in box)
-                anns.append(
-                    {
-                        "id": len(anns) + 1,  # pycocotools treats id 0 as "unmatched"
-                        "image_id": img_id,
-                        "category_id": self.category_ids[lab],
-                        "bbox": [x1, y1, x2 - x1, y2 - y1],
-                        "area": float(a),
-                        "iscrowd": int(c),
-                    }
-                )
+                # COCO matches crowd regions per category: an any-class region is one per category
+                for cid in (self.category_ids if c and lab == ANY_CLASS else [self.category_ids[lab]]):
+                    anns.append(
+                        {
+                            "id": len(anns) + 1,  # pycocotools treats id 0 as "unmatched"
+                            "image_id": img_id,
+                            "category_id": cid,
+                            "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "area": float(a),
+                            "iscrowd": int(c),
+                        }
+                    )
         cats = [{"id": cid, "name": n} for cid, n in zip(self.category_ids, self.class_names)]
         gt = {"info": {}, "images": images, "annotations": anns, "categories": cats}
 
