@@ -79,9 +79,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .engine.restore import restore_model
 
     r = restore_model(args.checkpoint)
-    path = r.adapter.export(r.model, r.config.model, len(r.class_names), Path(args.out), class_names=r.class_names,
+    out = Path(args.out)
+    path = r.adapter.export(r.model, r.config.model, len(r.class_names), out, class_names=r.class_names,
                             category_ids=r.category_ids)
-    print(f"student-only weights: {path} (see {Path(args.out) / 'model.json'})")
+    print(f"student-only weights: {path} (see {out / 'model.json'})")
+    if args.format == "onnx":
+        onnx_path = r.adapter.export_onnx(r.model, out / "model.onnx")
+        print(f"ONNX graph: {onnx_path} (inputs and outputs: docs/export.md; classes: {out / 'model.json'})")
     return 0
 
 
@@ -166,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a student-only checkpoint loadable without detdistill")
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--out", required=True)
+    ex.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors",
+                    help="onnx: also write model.onnx (needs the onnx extra)")
 
     ls = sub.add_parser("list", help="list detectors and methods, or a model's tappable layers")
     ls.add_argument("--model", help="architecture, e.g. fcos, retinanet, fasterrcnn, yolo_pafpn")

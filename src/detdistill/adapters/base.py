@@ -87,6 +87,11 @@ class DetectorAdapter(Protocol):
         """Detections per image, in each image's pixel frame (eval mode, no grad)."""
         ...
 
+    def export_onnx(self, model: nn.Module, out_path: Path, *, opset: int = 17) -> Path:
+        """Write an ONNX graph of the model in inference mode (``onnx`` extra); return its path.
+        What goes in and out is the adapter's to document (see ``docs/export.md``)."""
+        ...
+
     def export(self, model: nn.Module, cfg: "ModelConfig", num_classes: int, out_dir: Path, *,
                class_names: Sequence[str] | None = None, category_ids: Sequence[int] | None = None) -> Path:
         """Write a checkpoint that loads in the plain framework without detdistill; return its path.

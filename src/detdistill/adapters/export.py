@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 
 def write_export(model: nn.Module, out_dir: str | Path, spec: dict[str, Any], loader: ModuleType,
@@ -50,6 +50,27 @@ def write_export(model: nn.Module, out_dir: str | Path, spec: dict[str, Any], lo
         src = _source(module)
         shutil.copyfile(src, out_dir / src.name)
     return weights
+
+
+def onnx_export(module: nn.Module, example: Tensor, out_path: str | Path, *, input_names: list[str],
+                output_names: list[str], dynamic_axes: dict[str, dict[int, str]], opset: int = 17) -> Path:
+    """``torch.onnx.export`` with TorchScript tracing (the exporter torchvision's detection models
+    support), warnings about traced control flow silenced; a clear error without ``onnx``."""
+    import warnings
+
+    import torch
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it)
+    except ImportError as err:
+        raise ImportError("ONNX export needs the onnx extra: pip install 'detdistill[onnx]'") from err
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings on shape-dependent Python code, expected here
+        torch.onnx.export(module, (example,), str(out_path), dynamo=False, opset_version=opset,
+                          input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
+    return out_path
 
 
 def _source(module: ModuleType) -> Path:

@@ -20,6 +20,7 @@ torchvision quirks handled here and nowhere else:
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,7 +40,7 @@ from ..modules import unwrap
 from ..structures import Batch, Detections, RawOutputs, TwoStageOutputs
 from ..taps import TapInfo, probe_tap_shapes
 from .base import ADAPTERS, no_extra_inputs
-from .export import write_export
+from .export import onnx_export, write_export
 from .weights import load_weights
 
 
@@ -249,6 +250,17 @@ class TorchvisionAdapter:
         return [Detections(o["boxes"].float(), o["scores"].float(), o["labels"].long() - shift) for o in outs]
 
     # ---- export -----------------------------------------------------------------
+    def export_onnx(self, model: nn.Module, out_path: Path, *, opset: int = 17) -> Path:
+        """ONNX of the whole detector, post-processing included: input ``images`` ``(1, 3, H, W)``
+        float RGB in [0, 1] (any H, W; one image a call, since outputs are per-image lists);
+        outputs ``boxes`` ``(D, 4)`` xyxy px, ``scores`` ``(D,)``, ``labels`` ``(D,)`` class indices."""
+        bare = copy.deepcopy(unwrap(model)).cpu().eval()
+        example = torch.rand(1, 3, 128, 160)
+        return onnx_export(_OneImage(bare), example, out_path, input_names=["images"],
+                           output_names=["boxes", "scores", "labels"],
+                           dynamic_axes={"images": {2: "height", 3: "width"}, "boxes": {0: "detections"},
+                                         "scores": {0: "detections"}, "labels": {0: "detections"}}, opset=opset)
+
     def export(self, model: nn.Module, cfg: ModelConfig, num_classes: int, out_dir: Path, *,
                class_names: Sequence[str] | None = None, category_ids: Sequence[int] | None = None) -> Path:
         """``model.safetensors`` + ``model.json`` + ``load_model.py`` (torchvision-only loader)."""
@@ -263,6 +275,19 @@ class TorchvisionAdapter:
 
 
 ADAPTERS.add("torchvision", TorchvisionAdapter())
+
+
+class _OneImage(nn.Module):
+    """A torchvision detector as a tensor-in, tensors-out module for tracing (one image)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.shift = 1 if isinstance(model, FasterRCNN) else 0  # label 0 is background there
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.model([images[0]])[0]
+        return out["boxes"], out["scores"], out["labels"] - self.shift
 
 
 def _image_list(raw: RawOutputs, like: Tensor) -> ImageList:

@@ -100,7 +100,7 @@ from ..modules import unwrap  # noqa: E402
 from ..structures import Batch, Detections, RawOutputs  # noqa: E402
 from ..taps import TapInfo, probe_tap_shapes  # noqa: E402
 from .base import ADAPTERS, no_extra_inputs  # noqa: E402
-from .export import write_export  # noqa: E402
+from .export import onnx_export, write_export  # noqa: E402
 from .weights import load_weights, read_state_dict  # noqa: E402
 
 __all__ = ["UltralyticsAdapter"]
@@ -533,6 +533,21 @@ class UltralyticsAdapter:
         return results
 
     # ---- export -----------------------------------------------------------------
+    def export_onnx(self, model: nn.Module, out_path: Path, *, opset: int = 17) -> Path:
+        """ONNX in ultralytics' own export mode (Detect returns its decoded predictions; anchors
+        recomputed for any size): input ``images`` ``(N, 3, H, W)`` float RGB in [0, 1], H and W
+        multiples of the largest stride (pad as ``predict`` does); output ``output``
+        ``(N, 4 + C, A)``: box centre x, y, width, height in pixels, then C class scores, for
+        each of A anchor points. NMS is left to the caller, as in ultralytics' ONNX models."""
+        bare = copy.deepcopy(unwrap(model)).cpu().eval()
+        detect = _detect(bare)
+        detect.export, detect.format, detect.dynamic = True, "onnx", True
+        s = _max_stride(bare)
+        return onnx_export(bare, torch.rand(1, 3, 2 * s, 3 * s), out_path, input_names=["images"],
+                           output_names=["output"],
+                           dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                                         "output": {0: "batch", 2: "anchors"}}, opset=opset)
+
     def export(self, model: nn.Module, cfg: ModelConfig, num_classes: int, out_dir: Path, *,
                class_names: Sequence[str] | None = None, category_ids: Sequence[int] | None = None) -> Path:
         """``model.safetensors`` + ``model.json`` (the full model YAML) + ``load_model.py`` (ultralytics only)."""
