@@ -209,31 +209,35 @@ def test_raw_module_paths_work_in_feature_terms(adapter, build, batch):
     assert torch.isfinite(kd) and kd > 0
 
 
-def test_logit_kd_between_different_head_layouts_raises(adapter, build, batch):
-    student, teacher = build("retinanet"), build("fcos", seed=1)  # 9 anchors vs 1 point per location
-    distiller = Distiller(student, adapter, [_term("kl")], Teacher(teacher, adapter))
-    shapes: dict[str, tuple] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, who=who: shapes.__setitem__(who, tuple(out["cls_logits"].shape)))
-             for who, m in (("student", student.head), ("teacher", teacher.head))]
-    student.train()
-    try:
-        with pytest.raises(ValueError) as err:
-            distiller(student, batch, 0)
-    finally:
-        for h in hooks:
-            h.remove()
-    assert shapes["student"][1] == 9 * shapes["teacher"][1]
+def test_logit_kd_between_different_head_layouts_raises_at_build(adapter, build, batch):
+    """RetinaNet (9 anchors per location) against FCOS (1 point): refused when the Distiller is
+    built, with both layouts, before any data or training step."""
+    student, teacher = build("retinanet"), build("fcos", seed=1)
+    with pytest.raises(ValueError) as err:
+        Distiller(student, adapter, [_term("kl")], Teacher(teacher, adapter))
     msg = str(err.value)
-    assert str(shapes["student"]) in msg and str(shapes["teacher"]) in msg
-    assert "head layout" in msg
+    # 256 px: 32*32 + 16*16 + 8*8 + 4*4 + 2*2 = 1364 locations; 3 classes
+    assert "(12276, 3)" in msg and "(1364, 3)" in msg and "head layout" in msg
+    # the same pair with the teacher at another input scale is refused too
+    other = build("fcos", seed=2)
+    with pytest.raises(ValueError, match=r"input scale 2.0"):
+        Distiller(build("fcos"), adapter, [_term("kl")], Teacher(other, adapter, input_scale=2.0))
+
+
+def test_logit_kd_runtime_check_still_names_both_shapes(adapter, build, batch):
+    """Images of another size than the build probe's still fail clearly at the step."""
+    student, teacher = build("fcos"), build("fcos", seed=1)
+    distiller = Distiller(student, adapter, [_term("kl")], Teacher(teacher, adapter))
+    distiller.teacher.input_scale = 0.5  # changed after the build check
+    student.train()
+    with pytest.raises(ValueError, match="head layout"):
+        distiller(student, batch, 0)
 
 
 def test_logit_kd_with_a_two_stage_teacher_raises(adapter, build, batch):
     student, teacher = build("fcos"), build("fasterrcnn", seed=1)
-    distiller = Distiller(student, adapter, [_term("kl")], Teacher(teacher, adapter))
-    student.train()
     with pytest.raises(ValueError, match="no dense head"):
-        distiller(student, batch, 0)
+        Distiller(student, adapter, [_term("kl")], Teacher(teacher, adapter))
 
 
 # ---------------------------------------------------------------- the teacher runs only as far as needed

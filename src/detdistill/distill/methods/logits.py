@@ -5,11 +5,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
+from ...adapters.base import DetectorAdapter
 from ...config import DistillTermConfig
+from ...modules import unwrap
 from ...losses.kl import KLLogitLoss
 from ..method import BuildContext, DistillMethod, Needs, StepContext, register_method
+
+
+@torch.no_grad()
+def _logit_layout(adapter: DetectorAdapter, model: nn.Module, size: int) -> tuple[int, ...] | None:
+    """``(A, C)`` of the dense class logits on a blank ``size`` x ``size`` image (eval mode)."""
+    bare = unwrap(model)
+    was_training = bare.training
+    bare.eval()
+    try:
+        param = next(bare.parameters())
+        raw = adapter.forward_features(bare, [torch.zeros(3, size, size, device=param.device)], need_head=True)
+    finally:
+        bare.train(was_training)
+    return tuple(raw.cls_logits.shape[1:]) if raw.cls_logits is not None else None
 
 
 @register_method
@@ -42,6 +59,14 @@ class KLLogits(DistillMethod):
         if t_names is not None and ctx.num_classes is not None and len(t_names) != ctx.num_classes:
             raise ValueError(f"distill term {ctx.label!r} (kl): the teacher has {len(t_names)} classes {t_names} and the "
                              f"data {ctx.num_classes}; logit KD compares class k with class k")
+        if ctx.teacher is not None and ctx.teacher_adapter is not None:  # layouts, on one blank image each
+            s = _logit_layout(ctx.student_adapter, ctx.student, 256)
+            t = _logit_layout(ctx.teacher_adapter, ctx.teacher, round(256 * ctx.teacher_input_scale))
+            if s != t:
+                raise ValueError(f"distill term {ctx.label!r} (kl): on a 256 px image the student's head gives logits "
+                                 f"{s} (anchors, classes) and the teacher's {t} at input scale {ctx.teacher_input_scale}; "
+                                 "logit KD needs the same head layout (anchors per location, levels, classes) and "
+                                 "input size. Use a feature method for this pair")
         self.loss_fn = KLLogitLoss(**params)
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:  # type: ignore[override]
