@@ -205,3 +205,12 @@ def test_predict_takes_folders_writes_coco_json_and_legible_labels(tiny_config_y
     empty.mkdir()
     assert main(["predict", str(empty), "--checkpoint", str(ckpt), "--out", str(out)]) == 2
     assert "no images" in capsys.readouterr().err
+
+
+def test_same_train_and_val_set_is_summarised_once(tiny_config):
+    from detdistill.engine.train import train
+
+    lines: list[str] = []
+    train(tiny_config(train__steps=1), resume=False, progress=False, log=lines.append)  # val = train in tiny_config
+    text = "\n".join(lines)
+    assert text.count("boxes per class:") == 1 and "val: the same set as train" in text

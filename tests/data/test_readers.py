@@ -88,8 +88,8 @@ def test_aerial_cars_split_matches_readme(datasets_dir: Path, split: str, images
 
 
 def test_registry_and_unknown_format(datasets_dir: Path) -> None:
-    assert {"coco", "yolo", "voc"} <= set(READERS.names())
-    with pytest.raises(KeyError, match="valid names: coco, voc, yolo"):
+    assert {"coco", "yolo", "voc", "visdrone"} <= set(READERS.names())
+    with pytest.raises(KeyError, match="valid names: coco, visdrone, voc, yolo"):
         load_detection_set("kitti", datasets_dir)
 
 
