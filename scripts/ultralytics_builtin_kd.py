@@ -25,8 +25,12 @@ What is made equal, and how:
   detdistill decays it by cosine; it saves an EMA of the weights, which this short a run keeps
   close to the raw weights (decay ramps from 0). Both ultralytics runs share these, so the
   distillation gain is read against ultralytics' own student-alone run.
-- **Teacher.** The detdistill teacher checkpoint is converted to an ultralytics ``.pt`` (a pickle
-  of the same ``DetectionModel``), so both libraries distil from bit-identical weights.
+- **Teacher.** The detdistill teacher checkpoint (safetensors weights, restored by detdistill) is
+  handed to ultralytics' ``DistillationModel`` as the in-memory ``DetectionModel``, through a
+  trainer subclass (:func:`distilling_trainer`), so both libraries distil from bit-identical
+  weights and no pickled model is written or read by this script. (ultralytics' trainer still
+  writes its own ``weights/last.pt``; nothing here loads it: the student is taken from the
+  trainer's in-memory EMA, in float32, and saved as safetensors.)
 
 Nothing under ``../shared`` is written: val images are symlinked and their labels copied into
 ``--out`` (ultralytics writes a ``labels.cache`` beside the label folder). Prints a table and
@@ -36,16 +40,19 @@ writes ``results.json`` / ``results.md`` in ``--out``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # before ultralytics is imported: no DNS probe, no hub
 
 import torch
 from PIL import Image
+from torch import nn
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -108,20 +115,61 @@ def mirror_val(cfg: Config, out: Path) -> Path:
     return img_dir
 
 
-def teacher_to_ultralytics(checkpoint: Path, dest: Path) -> str:
-    """Write the detdistill teacher as an ultralytics ``.pt``; returns its arch."""
+def write_dataset(cfg: Config, folder: Path) -> Path:
+    """detdistill's training crops and the val split as an ultralytics dataset; returns its YAML."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train_dir = write_crops(cfg, folder / "train")
+    val_dir = mirror_val(cfg, folder / "val")
+    names = load_split(cfg, "val").class_names
+    data_yaml = folder / "dataset.yaml"
+    data_yaml.write_text(json.dumps({"path": str(folder), "train": str(train_dir), "val": str(val_dir),
+                                     "names": dict(enumerate(names))}, indent=1))  # JSON is valid YAML
+    return data_yaml
+
+
+def load_teacher(checkpoint: Path) -> tuple[nn.Module, str]:
+    """The detdistill teacher as an ultralytics ``DetectionModel`` in eval mode, and its arch.
+
+    detdistill's checkpoints hold state dicts, so this reads no pickled module.
+    """
     r = restore_model(checkpoint, "cpu")
     if r.config.model.framework != "ultralytics":
         raise SystemExit(f"{checkpoint}: ultralytics' distillation needs an ultralytics teacher, "
                          f"this one is {r.config.model.framework}/{r.config.model.arch}")
-    torch.save({"model": r.model.float().eval(), "train_args": {}, "date": None, "version": "detdistill-export"}, dest)
-    return r.config.model.arch
+    return r.model.float().eval(), r.config.model.arch
 
 
-def train_ultralytics(arch: str, data_yaml: Path, cfg: Config, out: Path, name: str, teacher_pt: Path | None,
-                      dis: float, steps: int) -> tuple[Path, float]:
-    """One ultralytics trainer run; returns (student safetensors, seconds per step)."""
+def distilling_trainer(teacher: nn.Module) -> type:
+    """A ``DetectionTrainer`` subclass that distils from the in-memory ``teacher``.
+
+    ultralytics' ``distill_model=`` argument takes a checkpoint *path* (a pickled model); its
+    ``DistillationModel`` also takes a module, and the trainer leaves a model that is already a
+    ``DistillationModel`` alone (its resume path builds one the same way). So the student is
+    wrapped right after the trainer has attached ``args`` (imgsz, ``dis``), names and ``nc`` to it.
+    """
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.nn.distill_model import DistillationModel
+
+    class InMemoryTeacherTrainer(DetectionTrainer):
+        def set_model_attributes(self) -> None:
+            super().set_model_attributes()
+            # a copy: DistillationModel freezes and moves its teacher, the caller's stays as it was
+            self.model = DistillationModel(teacher_model=copy.deepcopy(teacher), student_model=self.model)
+
+    return InMemoryTeacherTrainer
+
+
+class UltralyticsRun(NamedTuple):
+    weights: Path  # the student's float32 state dict, as safetensors
+    s_per_step: float
+    trainer: Any  # the finished ultralytics trainer (tests inspect its model)
+
+
+def train_ultralytics(arch: str, data_yaml: Path, cfg: Config, out: Path, name: str, teacher: nn.Module | None,
+                      dis: float, steps: int) -> UltralyticsRun:
+    """One ultralytics trainer run, distilling from ``teacher`` when one is given."""
     from ultralytics import YOLO
+    from ultralytics.models.yolo.detect import DetectionTrainer
 
     t = cfg.train
     model = YOLO(f"{arch}.yaml", task="detect")
@@ -133,18 +181,16 @@ def train_ultralytics(arch: str, data_yaml: Path, cfg: Config, out: Path, name: 
         mosaic=0.0, mixup=0.0, copy_paste=0.0, close_mosaic=0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, degrees=0.0,
         translate=0.0, scale=0.0, shear=0.0, perspective=0.0, fliplr=0.0, flipud=0.0, rect=False,
         pretrained=False, amp=False, device="cpu", workers=0, seed=cfg.seed, deterministic=True, plots=False,
-        val=False, project=str(out), name=name, exist_ok=True, verbose=False,
-        distill_model=str(teacher_pt) if teacher_pt else None, dis=dis,
+        val=False, project=str(out), name=name, exist_ok=True, verbose=False, dis=dis,
+        trainer=distilling_trainer(teacher) if teacher is not None else DetectionTrainer,
     )
     per_step = (time.perf_counter() - start) / steps
-    from ultralytics.nn.tasks import torch_safe_load
-
-    ckpt, _ = torch_safe_load(str(out / name / "weights" / "last.pt"))
-    student = ckpt.get("ema") or ckpt["model"]
+    # The trainer's EMA in memory (float32; last.pt holds a float16 copy, as a pickle)
+    student = model.trainer.ema.ema
     student = getattr(student, "student_model", student)  # a DistillationModel wraps the student
     dest = out / name / "student.safetensors"
     save_file({k: v.float().contiguous() for k, v in student.state_dict().items()}, str(dest))
-    return dest, per_step
+    return UltralyticsRun(dest, per_step, model.trainer)
 
 
 def eval_student(cfg: Config, weights: Path) -> dict:
@@ -174,16 +220,9 @@ def main() -> None:
     if cfg.model.framework != "ultralytics":
         raise SystemExit(f"{args.student_config}: model.framework must be ultralytics")
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    train_dir = write_crops(cfg, out / "data" / "train")
-    val_dir = mirror_val(cfg, out / "data" / "val")
-    names = load_split(cfg, "val").class_names
-    data_yaml = out / "data" / "dataset.yaml"
-    data_yaml.write_text(json.dumps({"path": str(out / "data"), "train": str(train_dir), "val": str(val_dir),
-                                     "names": dict(enumerate(names))}, indent=1))  # JSON is valid YAML
-    teacher_pt = out / "teacher_ultralytics.pt"
-    t_arch = teacher_to_ultralytics(args.teacher, teacher_pt)
-    print(f"teacher {t_arch} from {args.teacher} -> {teacher_pt}; student {cfg.model.arch}")
+    data_yaml = write_dataset(cfg, out / "data")
+    teacher, t_arch = load_teacher(args.teacher)
+    print(f"teacher {t_arch} from {args.teacher}; student {cfg.model.arch}")
 
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -191,8 +230,8 @@ def main() -> None:
         if run in results:
             print(f"{run}: done already ({results_path})")
             continue
-        weights, per_step = train_ultralytics(cfg.model.arch, data_yaml, cfg, out, run,
-                                              teacher_pt if run == "builtin_kd" else None, args.dis, cfg.train.steps)
+        weights, per_step, _ = train_ultralytics(cfg.model.arch, data_yaml, cfg, out, run,
+                                                 teacher if run == "builtin_kd" else None, args.dis, cfg.train.steps)
         row = eval_student(cfg, weights)
         row.update({"name": f"ultralytics {run}", "s_per_step": per_step, "train_min": per_step * cfg.train.steps / 60})
         results[run] = row
