@@ -48,6 +48,9 @@ class ModelConfig(_Strict):
     # it alive. None keeps torchvision's init.
     reg_bias_init: float | None = None
     weights: str | None = None
+    # Framework-specific settings the generic keys do not cover, checked by the framework's
+    # adapter (transformers DETRs: their config's own names, e.g. num_queries, decoder_layers).
+    options: dict[str, Any] = Field(default_factory=dict)
     score_thresh: float = Field(0.05, ge=0.0, le=1.0)
     nms_thresh: float = Field(0.6, gt=0.0, le=1.0)
     detections_per_img: int = Field(100, gt=0)

@@ -132,6 +132,10 @@ class RawOutputs:
         layer_logits: per decoder layer, last layer last, ``(N, Q, C)`` (DETR family).
         layer_boxes: per decoder layer, ``(N, Q, 4)`` cxcywh normalised to the image.
         queries: decoder output embeddings of the last layer, ``(N, Q, D)``.
+        box_frame: DETRs: the ``(H, W)`` each image's ``cxcywh_norm`` boxes are normalised by
+            (its own size, or the padded input's for models that read no pixel mask).
+        class_activation: DETRs: ``"sigmoid"`` (``C`` logits) or ``"softmax"`` (``C + 1``, the last
+            one "no object").
         input_size: ``(H, W)`` of the padded network input.
         image_sizes: ``(H, W)`` of each image inside the padded input.
         two_stage: region-head outputs of two-stage detectors.
@@ -146,6 +150,8 @@ class RawOutputs:
     layer_logits: list[Tensor] | None = None
     layer_boxes: list[Tensor] | None = None
     queries: Tensor | None = None
+    box_frame: list[tuple[int, int]] | None = None
+    class_activation: Literal["sigmoid", "softmax"] | None = None
     input_size: tuple[int, int] | None = None
     image_sizes: list[tuple[int, int]] | None = None
     two_stage: TwoStageOutputs | None = None

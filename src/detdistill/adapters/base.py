@@ -19,7 +19,7 @@ from ..registry import Registry
 from ..structures import Batch, Detections, RawOutputs
 from ..taps import TapInfo
 
-__all__ = ["ADAPTERS", "DetectorAdapter", "get_adapter", "unwrap", "no_extra_inputs"]
+__all__ = ["ADAPTERS", "DetectorAdapter", "get_adapter", "unwrap", "no_extra_inputs", "no_options"]
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -125,3 +125,10 @@ def no_extra_inputs(adapter: str, extra_inputs: Mapping[str, Any] | None) -> Non
     """Refuse training-only extra inputs in an adapter whose models take none."""
     if extra_inputs:
         raise ValueError(f"the {adapter} adapter's models take no extra training inputs; got {sorted(extra_inputs)}")
+
+
+def no_options(adapter: str, cfg: "ModelConfig") -> None:
+    """Refuse ``model.options`` in an adapter whose models are fully described by the generic keys."""
+    if cfg.options:
+        raise ValueError(f"model.options {sorted(cfg.options)}: the {adapter} adapter takes no options "
+                         "(model.options holds framework-specific settings, e.g. of transformers DETRs)")

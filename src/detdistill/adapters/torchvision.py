@@ -39,7 +39,7 @@ from ..models import torchvision_detectors as tvd
 from ..modules import unwrap
 from ..structures import Batch, Detections, RawOutputs, TwoStageOutputs
 from ..taps import TapInfo, probe_tap_shapes
-from .base import ADAPTERS, no_extra_inputs
+from .base import ADAPTERS, no_extra_inputs, no_options
 from .export import onnx_export, write_export
 from .weights import load_weights
 
@@ -131,6 +131,7 @@ class TorchvisionAdapter:
     def build(self, cfg: ModelConfig, num_classes: int) -> nn.Module:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        no_options(self.name, cfg)
         model = _build_arch(cfg, num_classes)
         if cfg.weights:
             load_weights(model, cfg.weights)

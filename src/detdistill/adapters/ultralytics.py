@@ -99,7 +99,7 @@ from ..models import ultralytics_loader  # noqa: E402
 from ..modules import unwrap  # noqa: E402
 from ..structures import Batch, Detections, RawOutputs  # noqa: E402
 from ..taps import TapInfo, probe_tap_shapes  # noqa: E402
-from .base import ADAPTERS, no_extra_inputs  # noqa: E402
+from .base import ADAPTERS, no_extra_inputs, no_options  # noqa: E402
 from .export import onnx_export, write_export  # noqa: E402
 from .weights import load_weights, read_state_dict  # noqa: E402
 
@@ -381,6 +381,7 @@ class UltralyticsAdapter:
         """
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        no_options(self.name, cfg)
         model = DetectionModel(cfg=_model_yaml(cfg.arch, num_classes), nc=num_classes, verbose=False)
         _detect(model)
         model.args = _default_hyp()  # the loss gains; ultralytics' trainer would attach its args here

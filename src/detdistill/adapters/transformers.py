@@ -1,0 +1,289 @@
+"""Hugging Face ``transformers`` DETRs (DETR, Conditional DETR, Deformable DETR, RT-DETR, RT-DETRv2).
+
+Needs the ``[detr]`` extra (``transformers>=5``); the rest of detdistill imports without it.
+transformers quirks handled here and nowhere else:
+
+- Targets are ``{"class_labels", "boxes"}`` dicts with *normalised cxcywh* boxes. DETR,
+  Conditional and Deformable DETR read a ``pixel_mask`` and their boxes are normalised to each
+  image's own size (as the original code does); RT-DETR ignores the mask, and its boxes are
+  normalised to the padded input. :func:`_frame` gives each image's normalising size.
+- The model's own loss (Hungarian matching, auxiliary and, for RT-DETR, denoising terms) is the
+  task loss; it is logged as one term, ``detr_loss``, the weighted total transformers computes.
+- RT-DETR prefixes its denoising queries in training: every per-query output is cut at
+  ``denoising_meta_values["dn_num_split"]`` so KD methods see the matching queries only.
+- Per-decoder-layer logits and boxes come from ``auxiliary_outputs`` plus the last layer
+  (DETR, Conditional, Deformable; auxiliary losses are always on, see
+  :mod:`detdistill.models.hf_detr`), or from ``intermediate_logits`` /
+  ``intermediate_reference_points`` (RT-DETR).
+- Predictions go through the architecture's own image processor's
+  ``post_process_object_detection``; export is ``save_pretrained`` of the model and of that
+  processor, so the student loads and runs with transformers alone.
+- Deformable DETR ignores ``decoder_attention_mask``: an extra query group must run as its own
+  decoder pass, never as masked extra queries (see the ``detr_query_prior`` method).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..models import hf_detr
+from ..modules import unwrap
+from ..structures import Batch, Detections, RawOutputs
+from ..taps import TapInfo, probe_tap_shapes
+from .base import ADAPTERS, no_extra_inputs
+from .weights import load_weights
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: ModelConfig keys of the CNN detectors that mean nothing here: setting one is an error.
+_CNN_ONLY = ("fpn_channels", "head_convs", "norm", "anchor_sizes", "reg_bias_init")
+
+
+def _arch_of(model: nn.Module) -> str:
+    model = unwrap(model)
+    for arch in hf_detr.archs():
+        if type(model) is hf_detr.model_class(arch):
+            return arch
+    raise TypeError(f"not a transformers DETR built by detdistill: {type(model).__name__}")
+
+
+def _check(cfg: ModelConfig) -> None:
+    set_here = sorted(k for k in _CNN_ONLY if k in cfg.model_fields_set)
+    if set_here:
+        raise ValueError(f"model.{set_here[0]} does not apply to transformers DETRs; their width and depth are "
+                         f"set in model.options (d_model, encoder_layers, decoder_layers, num_queries, ...)")
+    hf_detr.family(cfg.arch)
+
+
+def _strides(model: nn.Module) -> list[int]:
+    """Input pixels per cell of each map the transformer reads (the input projections)."""
+    cfg = unwrap(model).config
+    fam = hf_detr.family(_arch_of(model))
+    strides = [2 ** (int(s.removeprefix("stage")) + 1) for s in fam.stages]
+    extra = getattr(cfg, "num_feature_levels", len(strides)) - len(strides)
+    for _ in range(max(extra, 0)):  # Deformable DETR's extra levels: stride-2 convs on the last stage
+        strides.append(strides[-1] * 2)
+    return strides
+
+
+def _proj_modules(model: nn.Module) -> list[str]:
+    """Module paths of the per-level input projections (the maps the encoder reads)."""
+    bare = unwrap(model)
+    if hasattr(bare.model, "encoder_input_proj"):
+        return [f"model.encoder_input_proj.{i}" for i in range(len(bare.model.encoder_input_proj))]
+    if hasattr(bare.model, "input_proj"):
+        return [f"model.input_proj.{i}" for i in range(len(bare.model.input_proj))]
+    return ["model.input_projection"]
+
+
+def _frame(model: nn.Module, batch_images: list[Tensor], input_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """``(H, W)`` each image's boxes are normalised by."""
+    if hf_detr.family(_arch_of(model)).masks_padding:
+        return [(int(im.shape[-2]), int(im.shape[-1])) for im in batch_images]
+    return [input_size] * len(batch_images)
+
+
+class TransformersAdapter:
+    """transformers' DETR family, built from config classes (random init or a local folder)."""
+
+    name = "transformers"
+
+    def archs(self) -> list[str]:
+        return hf_detr.archs()
+
+    def build(self, cfg: ModelConfig, num_classes: int) -> nn.Module:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        _check(cfg)
+        cls = hf_detr.model_class(cfg.arch)
+        if cfg.weights and Path(cfg.weights).is_dir():
+            folder = Path(cfg.weights)
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(f"model.weights {folder}: a folder must be a transformers `save_pretrained` "
+                                        "folder (config.json + model.safetensors)")
+            model = cls.from_pretrained(str(folder), local_files_only=True)
+            if model.config.num_labels != num_classes:
+                raise ValueError(f"model.weights {folder}: the model has {model.config.num_labels} classes, the data "
+                                 f"{num_classes}")
+        else:
+            model = cls(hf_detr.build_config(cfg.arch, cfg.backbone, num_classes, cfg.options))
+            if cfg.weights:
+                load_weights(model, cfg.weights)
+        # what predict() applies (transformers' post-processing takes them per call)
+        model.detdistill_postprocess = {"score_thresh": cfg.score_thresh, "max_det": cfg.detections_per_img}
+        return model
+
+    # ---- inputs -----------------------------------------------------------------
+    def _inputs(self, model: nn.Module, images: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Pixels padded bottom-right to a common size (normalised as the family's processor
+        does) and the pixel mask (1 = image, 0 = padding)."""
+        h = max(int(im.shape[-2]) for im in images)
+        w = max(int(im.shape[-1]) for im in images)
+        pixels = images[0].new_zeros((len(images), 3, h, w))
+        mask = torch.zeros((len(images), h, w), dtype=torch.long, device=images[0].device)
+        normalize = hf_detr.family(_arch_of(model)).normalize
+        mean = torch.tensor(IMAGENET_MEAN, device=images[0].device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=images[0].device).view(3, 1, 1)
+        for i, im in enumerate(images):
+            ih, iw = im.shape[-2:]
+            pixels[i, :, :ih, :iw] = (im - mean) / std if normalize else im
+            mask[i, :ih, :iw] = 1
+        return pixels, mask
+
+    def _labels(self, model: nn.Module, batch: Batch, input_size: tuple[int, int]) -> list[dict[str, Tensor]]:
+        out = []
+        for (fh, fw), t in zip(_frame(model, batch.images, input_size), batch.targets):
+            b = t.boxes
+            scale = b.new_tensor([fw, fh, fw, fh])
+            cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1)
+            out.append({"class_labels": t.labels, "boxes": (cxcywh / scale).clamp(0, 1)})
+        return out
+
+    # ---- taps -------------------------------------------------------------------
+    def taps(self, model: nn.Module) -> dict[str, TapInfo]:
+        """``backbone.stage1..4`` (ResNet stages), ``neck.pK`` (the input projections the encoder
+        reads, named by stride 2^K like the CNNs' FPN levels), ``encoder.pK`` (RT-DETR: its
+        hybrid encoder's output maps as the decoder projects them), ``encoder.tokens`` (the
+        other DETRs' encoder output, ``(N, L, D)``) and ``decoder.layerI`` (each decoder layer's
+        query states, ``(N, Q, D)``; in RT-DETR training these include its denoising queries)."""
+        bare = unwrap(model)
+        names: list[tuple[str, str, str | int | None]] = []
+        for k in range(len(bare.model.backbone.model.encoder.stages)):
+            names.append((f"backbone.stage{k + 1}", f"model.backbone.model.encoder.stages.{k}", None))
+        for module, stride in zip(_proj_modules(bare), _strides(bare)):
+            names.append((f"neck.p{stride.bit_length() - 1}", module, None))
+        if hasattr(bare.model, "decoder_input_proj"):
+            for i, stride in enumerate(_strides(bare)):
+                names.append((f"encoder.p{stride.bit_length() - 1}", f"model.decoder_input_proj.{i}", None))
+        else:
+            names.append(("encoder.tokens", "model.encoder", 0))
+        for i in range(len(bare.model.decoder.layers)):
+            names.append((f"decoder.layer{i}", f"model.decoder.layers.{i}", None))
+        shapes = probe_tap_shapes(self, bare, {tap: (module, key) for tap, module, key in names})
+        return {tap: TapInfo(tap, module, key, *shapes[tap]) for tap, module, key in names if tap in shapes}
+
+    # ---- forward passes ---------------------------------------------------------
+    def forward_train(self, model: nn.Module, batch: Batch, *, need_raw: bool = False,
+                      extra_inputs: Mapping[str, Any] | None = None) -> tuple[dict[str, Tensor], RawOutputs]:
+        no_extra_inputs(self.name, extra_inputs)
+        bare = unwrap(model)
+        pixels, mask = self._inputs(bare, batch.images)
+        input_size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+        out = model(pixel_values=pixels, pixel_mask=mask, labels=self._labels(bare, batch, input_size))
+        raw = self._raw(bare, out, batch.images, input_size, need_head=need_raw)
+        return {"detr_loss": out.loss}, raw
+
+    def forward_features(self, model: nn.Module, images: list[Tensor], *, need_head: bool) -> RawOutputs:
+        bare = unwrap(model)
+        pixels, mask = self._inputs(bare, images)
+        out = bare(pixel_values=pixels, pixel_mask=mask)
+        return self._raw(bare, out, images, (int(pixels.shape[-2]), int(pixels.shape[-1])), need_head=need_head)
+
+    def _raw(self, model: nn.Module, out: Any, images: list[Tensor], input_size: tuple[int, int], *,
+             need_head: bool) -> RawOutputs:
+        raw = RawOutputs(input_size=input_size, image_sizes=[(int(i.shape[-2]), int(i.shape[-1])) for i in images])
+        if not need_head:
+            return raw
+        dn = 0
+        meta = getattr(out, "denoising_meta_values", None)
+        if meta is not None:
+            dn = int(meta["dn_num_split"][0])
+        if getattr(out, "intermediate_logits", None) is not None:  # RT-DETR: (N, L, Q', C) and (N, L, Q', 4)
+            logits = list(out.intermediate_logits[:, :, dn:].unbind(1))
+            boxes = list(out.intermediate_reference_points[:, :, dn:].unbind(1))
+        else:
+            aux = out.auxiliary_outputs or []
+            logits = [a["logits"] for a in aux] + [out.logits]
+            boxes = [a["pred_boxes"] for a in aux] + [out.pred_boxes]
+        raw.layer_logits = logits
+        raw.layer_boxes = boxes
+        raw.cls_logits = logits[-1]
+        raw.box_preds = boxes[-1]
+        raw.box_format = "cxcywh_norm"
+        raw.queries = out.last_hidden_state[:, dn:]
+        raw.box_frame = _frame(model, images, input_size)
+        raw.class_activation = hf_detr.family(_arch_of(model)).classes
+        return raw
+
+    def backbone_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The ResNet's parameters (not the input projections, encoder or decoder)."""
+        return list(unwrap(model).model.backbone.parameters())
+
+    def head(self, model: nn.Module, features: list[Tensor], raw: RawOutputs, batch: Batch | None = None) -> RawOutputs:
+        raise NotImplementedError(
+            "a DETR's 'head' is its whole encoder-decoder: running it on replacement features (ScaleKD's assistant) "
+            "is not supported for transformers DETRs; use a feature method (pkd, ssim, l2) or detr_* methods")
+
+    def head_loss(self, model: nn.Module, raw: RawOutputs, batch: Batch) -> dict[str, Tensor]:
+        raise NotImplementedError("head_loss is not supported for transformers DETRs (see head())")
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: list[Tensor]) -> list[Detections]:
+        """transformers' own post-processing (``post_process_object_detection``) of the outputs."""
+        bare = unwrap(model)
+        was_training = bare.training
+        bare.eval()
+        try:
+            pixels, mask = self._inputs(bare, images)
+            out = bare(pixel_values=pixels, pixel_mask=mask)
+        finally:
+            bare.train(was_training)
+        arch = _arch_of(bare)
+        frame = _frame(bare, images, (int(pixels.shape[-2]), int(pixels.shape[-1])))
+        settings = getattr(bare, "detdistill_postprocess", {"score_thresh": 0.05, "max_det": 100})
+        threshold, top_k = settings["score_thresh"], settings["max_det"]
+        post = _post_process(arch, out, threshold, frame, top_k)
+        dets = []
+        for r, (h, w) in zip(post, ((int(i.shape[-2]), int(i.shape[-1])) for i in images)):
+            boxes = r["boxes"].float()
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            keep = r["scores"].argsort(descending=True)[:top_k]
+            dets.append(Detections(boxes[keep], r["scores"][keep].float(), r["labels"][keep].long()))
+        return dets
+
+    # ---- export -----------------------------------------------------------------
+    def export_onnx(self, model: nn.Module, out_path: Path, *, opset: int = 17) -> Path:
+        raise NotImplementedError("ONNX export of transformers DETRs is not supported by detdistill; export with "
+                                  "`detdistill export` (save_pretrained) and use transformers' or optimum's exporters")
+
+    def export(self, model: nn.Module, cfg: ModelConfig, num_classes: int, out_dir: Path, *,
+               class_names: Sequence[str] | None = None, category_ids: Sequence[int] | None = None) -> Path:
+        """``save_pretrained`` of the model (``config.json`` with the class names as ``id2label``,
+        ``model.safetensors``) and of its image processor, plus detdistill's ``model.json``."""
+        bare = unwrap(model)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
+        bare.config.id2label = dict(enumerate(names))
+        bare.config.label2id = {n: i for i, n in enumerate(names)}
+        bare.save_pretrained(str(out_dir))
+        hf_detr.image_processor(cfg.arch).save_pretrained(str(out_dir))
+        meta: dict[str, Any] = {"framework": "transformers", "arch": cfg.arch, "backbone": cfg.backbone,
+                                "num_classes": num_classes, "class_names": names,
+                                "box_frame": "image" if hf_detr.family(cfg.arch).masks_padding else "padded input",
+                                "score_thresh": cfg.score_thresh, "detections_per_img": cfg.detections_per_img,
+                                "load": f"transformers.{hf_detr.family(cfg.arch).model}.from_pretrained(folder)"}
+        if category_ids is not None:
+            meta["category_ids"] = list(category_ids)
+        (out_dir / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
+        return out_dir / "model.safetensors"
+
+
+def _post_process(arch: str, out: Any, threshold: float, frame: list[tuple[int, int]], top_k: int) -> list[dict[str, Tensor]]:
+    processor = hf_detr.image_processor(arch)
+    kwargs: dict[str, Any] = {"threshold": threshold, "target_sizes": frame}
+    if arch in ("deformable_detr", "conditional_detr"):
+        kwargs["top_k"] = top_k
+    return processor.post_process_object_detection(out, **kwargs)
+
+
+ADAPTERS.add("transformers", TransformersAdapter())
