@@ -95,17 +95,21 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from .distill.methods import METHODS
 
     get_adapter("torchvision")
-    try:  # optional extra: list it when installed
-        get_adapter("ultralytics")
-    except (ImportError, KeyError):
-        pass
+    for optional in ("ultralytics", "transformers"):  # optional extras: listed when installed
+        try:
+            get_adapter(optional)
+        except (ImportError, KeyError):
+            pass
     if args.model:
-        cfg = ModelConfig(framework=args.framework, arch=args.model, backbone=args.backbone, fpn_channels=args.fpn_channels)
+        given = {"fpn_channels": args.fpn_channels} if args.fpn_channels is not None else {}
+        cfg = ModelConfig(framework=args.framework, arch=args.model, backbone=args.backbone, **given)
         adapter = get_adapter(args.framework)
         model = adapter.build(cfg, args.num_classes)
-        print(f"tappable layers of {args.framework}/{args.model} ({args.backbone}, FPN {args.fpn_channels}):")
+        width = f", FPN {cfg.fpn_channels}" if args.framework != "transformers" else ""
+        print(f"tappable layers of {args.framework}/{args.model} ({args.backbone}{width}):")
         for info in adapter.taps(model).values():
-            print(f"  {info.name:<20} module={info.module:<28} key={info.key!s:<5} channels={info.channels:<5} stride={info.stride}")
+            print(f"  {info.name:<20} module={info.module:<34} key={info.key!s:<5} channels={info.channels:<5} "
+                  f"stride={info.stride:<4} {info.kind}")
         print("any module path of the model is tappable too, e.g.:")
         for name, _ in list(model.named_modules())[1:12]:
             print(f"  {name}")
@@ -116,7 +120,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("distillation methods (method: family, default weight, paper):")
     for name in METHODS:
         method = METHODS.get(name)
-        print(f"  {name:<8} {method.family:<8} w={method.default_weight:<5} {method.paper}")
+        sides = ", ".join(f"{side} must be a {need}" for side, need in (("student", method.student_requires),
+                                                                          ("teacher", method.teacher_requires)) if need)
+        print(f"  {name:<12} {method.family:<8} w={method.default_weight:<5} {method.paper}" + (f" [{sides}]" if sides else ""))
     print("use `detdistill list --model fcos --backbone resnet18` for a model's tappable layers")
     return 0
 
@@ -177,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--model", help="architecture, e.g. fcos, retinanet, fasterrcnn, yolo_pafpn")
     ls.add_argument("--framework", default="torchvision")
     ls.add_argument("--backbone", default="resnet18")
-    ls.add_argument("--fpn-channels", type=int, default=64)
+    ls.add_argument("--fpn-channels", type=int, default=None, help="CNN neck width (default: the config default, 64)")
     ls.add_argument("--num-classes", type=int, default=2)
 
     q = sub.add_parser("quickstart", help="teacher, student and distilled student on the embedded sample, in minutes")

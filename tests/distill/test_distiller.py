@@ -19,7 +19,9 @@ from detdistill.distill.distiller import Distiller, Teacher
 from detdistill.distill.methods import METHODS
 from detdistill.engine.train import train_one_step
 
-TEACHER_METHODS = [n for n in METHODS.names() if METHODS.get(n).family != "self"]
+# methods that run on the FCOS pair here; those that need a DETR side run in test_detr_distill.py
+TEACHER_METHODS = [n for n in METHODS.names() if METHODS.get(n).family != "self"
+                   and METHODS.get(n).student_requires is None and METHODS.get(n).teacher_requires is None]
 FEATURE_PAIRS = [("neck.p3", "neck.p3"), ("neck.p4", "neck.p4")]
 MSSD_PAIRS = [(f"fpn.p{lvl}", f"pan.p{lvl}") for lvl in (3, 4, 5)]
 HEAD_LEVELS = [(f"neck.p{lvl}", f"neck.p{lvl}") for lvl in (3, 4, 5, 6, 7)]

@@ -14,7 +14,8 @@ transformers quirks handled here and nowhere else:
 - Per-decoder-layer logits and boxes come from ``auxiliary_outputs`` plus the last layer
   (DETR, Conditional, Deformable; auxiliary losses are always on, see
   :mod:`detdistill.models.hf_detr`), or from ``intermediate_logits`` /
-  ``intermediate_reference_points`` (RT-DETR).
+  ``intermediate_reference_points`` (RT-DETR). The first three return ``auxiliary_outputs``
+  only when given labels, so a teacher's forward passes empty ones.
 - Predictions go through the architecture's own image processor's
   ``post_process_object_detection``; export is ``save_pretrained`` of the model and of that
   processor, so the student loads and runs with transformers alone.
@@ -184,7 +185,13 @@ class TransformersAdapter:
     def forward_features(self, model: nn.Module, images: list[Tensor], *, need_head: bool) -> RawOutputs:
         bare = unwrap(model)
         pixels, mask = self._inputs(bare, images)
-        out = bare(pixel_values=pixels, pixel_mask=mask)
+        # DETR, Conditional and Deformable DETR return their per-layer (auxiliary) outputs only
+        # when given labels: empty ones cost one trivial matching and change no output.
+        labels = None
+        if need_head:
+            labels = [{"class_labels": torch.zeros(0, dtype=torch.long, device=pixels.device),
+                       "boxes": pixels.new_zeros((0, 4))} for _ in images]
+        out = bare(pixel_values=pixels, pixel_mask=mask, labels=labels)
         return self._raw(bare, out, images, (int(pixels.shape[-2]), int(pixels.shape[-1])), need_head=need_head)
 
     def _raw(self, model: nn.Module, out: Any, images: list[Tensor], input_size: tuple[int, int], *,

@@ -114,7 +114,8 @@ class DistillMethod(nn.Module):
 
     Class attributes describe the method for the registry and ``detdistill list``:
     ``name`` (the config's ``method:``), ``family`` (a one-word description such as
-    ``feature``), ``default_weight`` (used when a term omits ``weight``) and ``paper``.
+    ``feature``), ``default_weight`` (used when a term omits ``weight``), ``paper``, and
+    ``student_requires`` / ``teacher_requires`` (a model family, e.g. ``"detr"``).
 
     Subclasses implement :meth:`needs`, ``__init__(ctx: BuildContext, **params)`` and
     :meth:`forward`. The term's ``params:`` are checked against :meth:`params_signature`
@@ -125,6 +126,11 @@ class DistillMethod(nn.Module):
     family: ClassVar[str] = ""
     default_weight: ClassVar[float] = 1.0
     paper: ClassVar[str] = ""
+    #: Model families the method needs on each side (``None``: any detector; ``"detr"``: a DETR,
+    #: i.e. raw outputs with per-decoder-layer logits, boxes and queries). For ``detdistill list``
+    #: and tests; the method itself checks when it is built.
+    student_requires: ClassVar[str | None] = None
+    teacher_requires: ClassVar[str | None] = None
 
     @classmethod
     def needs(cls, term: DistillTermConfig) -> Needs:
