@@ -25,8 +25,8 @@ def test_the_examples_exist():
 def test_run_config_validates_and_its_student_taps_exist(path: Path, single_thread):
     cfg = load_config(path)
     assert cfg.name == path.stem  # run folders are named after the file
-    if cfg.model.framework == "ultralytics":
-        pytest.importorskip("ultralytics")  # the [yolo] extra; CI installs it
+    if cfg.model.framework in ("ultralytics", "transformers"):
+        pytest.importorskip(cfg.model.framework)  # the [yolo] / [detr] extras; CI installs them
     model = get_adapter(cfg.model.framework).build(cfg.model, 4)
     taps = get_adapter(cfg.model.framework).taps(model)
     for term in cfg.distill:

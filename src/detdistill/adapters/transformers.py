@@ -57,7 +57,8 @@ def _arch_of(model: nn.Module) -> str:
 
 
 def _check(cfg: ModelConfig) -> None:
-    set_here = sorted(k for k in _CNN_ONLY if k in cfg.model_fields_set)
+    # a non-default value (a checkpoint's saved config lists every key, so "was it set" is not enough)
+    set_here = sorted(k for k in _CNN_ONLY if getattr(cfg, k) != type(cfg).model_fields[k].default)
     if set_here:
         raise ValueError(f"model.{set_here[0]} does not apply to transformers DETRs; their width and depth are "
                          f"set in model.options (d_model, encoder_layers, decoder_layers, num_queries, ...)")
@@ -124,10 +125,14 @@ class TransformersAdapter:
 
     # ---- inputs -----------------------------------------------------------------
     def _inputs(self, model: nn.Module, images: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Pixels padded bottom-right to a common size (normalised as the family's processor
-        does) and the pixel mask (1 = image, 0 = padding)."""
-        h = max(int(im.shape[-2]) for im in images)
-        w = max(int(im.shape[-1]) for im in images)
+        """Pixels padded bottom-right to a common size, a multiple of 32 (normalised as the
+        family's processor does), and the pixel mask (1 = image, 0 = padding).
+
+        RT-DETR's hybrid encoder concatenates upsampled stride-32 maps with stride-16 ones, which
+        only fit on inputs divisible by 32; the masked families are unaffected by the extra padding.
+        """
+        h = -(-max(int(im.shape[-2]) for im in images) // 32) * 32
+        w = -(-max(int(im.shape[-1]) for im in images) // 32) * 32
         pixels = images[0].new_zeros((len(images), 3, h, w))
         mask = torch.zeros((len(images), h, w), dtype=torch.long, device=images[0].device)
         normalize = hf_detr.family(_arch_of(model)).normalize
