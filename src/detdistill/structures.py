@@ -113,6 +113,24 @@ class TwoStageOutputs:
 
 
 @dataclass
+class QueryGroup:
+    """What a DETR decoder starts from: one group of queries (DETRDistill's query priors).
+
+    Attributes:
+        kind: the architecture whose decoder these inputs fit (``"deformable_detr"``, ``"rt_detr"``):
+            reference points are in that decoder's own parametrisation.
+        embeds: ``(N, Q, D)`` content queries.
+        reference_points: ``(N, Q, 2 or 4)``: normalised points (Deformable DETR) or box logits (RT-DETR).
+        position: ``(N, Q, D)`` positional queries where the decoder takes them (Deformable DETR).
+    """
+
+    kind: str
+    embeds: Tensor
+    reference_points: Tensor
+    position: Tensor | None = None
+
+
+@dataclass
 class RawOutputs:
     """Raw (before post-processing) outputs of one forward pass, framework-neutral.
 
@@ -136,6 +154,9 @@ class RawOutputs:
             (its own size, or the padded input's for models that read no pixel mask).
         class_activation: DETRs: ``"sigmoid"`` (``C`` logits) or ``"softmax"`` (``C + 1``, the last
             one "no object").
+        decoder_queries: DETRs with query groups: the inputs this pass's decoder started from.
+        group_layer_logits, group_layer_boxes: per decoder layer, the outputs of an extra query
+            group run by ``forward_train(extra_inputs={"query_group": ...})`` in its own decoder pass.
         input_size: ``(H, W)`` of the padded network input.
         image_sizes: ``(H, W)`` of each image inside the padded input.
         two_stage: region-head outputs of two-stage detectors.
@@ -152,6 +173,9 @@ class RawOutputs:
     queries: Tensor | None = None
     box_frame: list[tuple[int, int]] | None = None
     class_activation: Literal["sigmoid", "softmax"] | None = None
+    decoder_queries: QueryGroup | None = None
+    group_layer_logits: list[Tensor] | None = None
+    group_layer_boxes: list[Tensor] | None = None
     input_size: tuple[int, int] | None = None
     image_sizes: list[tuple[int, int]] | None = None
     two_stage: TwoStageOutputs | None = None

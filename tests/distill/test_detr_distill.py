@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import itertools
 
@@ -219,7 +220,7 @@ def test_one_kd_step_trains_only_the_student_and_the_methods_and_logs_the_losses
     for j, i in enumerate([0, 2]):
         for k, v in hungarian_logit_loss(s_raw.layer_logits[j], s_raw.layer_boxes[j], t_raw.layer_logits[i],
                                          t_raw.layer_boxes[i], positive_threshold=0.1).items():
-            expected[k] = expected.get(k, 0.0) + float(v)
+            expected[k] = expected.get(k, 0.0) + float(v.detach())
     opt, sched = sgd(list(student.parameters()) + list(distiller.parameters()), lr=1e-3)
     torch.manual_seed(11)
     values = train_one_step(student, adapter, batch, 0, optimizer=opt, scheduler=sched, distiller=distiller)
@@ -270,3 +271,98 @@ def test_heterogeneous_pairs_distil_across_families(batch, sgd) -> None:
     plain = _detr("detr", 2, 3, 32)
     with pytest.raises(ValueError, match="softmax over C \\+ 1 classes"):
         Distiller(rt, hf, [DistillTermConfig(method="detr_logits")], Teacher(plain, hf))
+
+
+# ----------------------------------------------------------------- query-prior assignment
+@needs_transformers
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("arch", ["deformable_detr", "rt_detr"])
+def test_a_query_group_of_the_models_own_decoder_inputs_reproduces_its_outputs(arch: str, batch) -> None:
+    """The group pass is the decoder's own computation: fed the inputs the model's decoder
+    started from, it gives the model's per-layer logits and boxes."""
+    from detdistill.adapters.base import get_adapter
+
+    adapter = get_adapter("transformers")
+    model = _detr(arch, 2, 0, 32).eval()
+    with torch.no_grad():
+        own = adapter.forward_features(model, batch.images, need_head=True)
+        _, raw = adapter.forward_train(model, batch, need_raw=True, extra_inputs={"query_group": own.decoder_queries})
+    for mine, theirs in zip(raw.group_layer_logits + raw.group_layer_boxes, own.layer_logits + own.layer_boxes):
+        assert torch.allclose(mine, theirs, atol=1e-6)
+
+
+@needs_transformers
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("arch", ["deformable_detr", "rt_detr"])
+def test_the_query_group_never_touches_the_students_own_queries_or_inference(arch: str, batch) -> None:
+    from detdistill.adapters.base import get_adapter
+    from detdistill.structures import QueryGroup
+
+    adapter = get_adapter("transformers")
+    student, teacher = _detr(arch, 2, 0, 32), _detr(arch, 2, 1, 32)
+    with torch.no_grad():
+        prior = adapter.forward_features(teacher.eval(), batch.images, need_head=True).decoder_queries
+    assert isinstance(prior, QueryGroup) and prior.kind == arch
+    # two copies of the same weights: one trains a forward without the group, one with it
+    with_group = copy.deepcopy(student).train()
+    student.train()
+    torch.manual_seed(9)
+    plain_losses, plain = adapter.forward_train(student, batch, need_raw=True)
+    torch.manual_seed(9)
+    losses, grouped = adapter.forward_train(with_group, batch, need_raw=True, extra_inputs={"query_group": prior})
+    assert torch.equal(losses["detr_loss"], plain_losses["detr_loss"])  # the group is not in the task loss
+    for a, b in zip(grouped.layer_logits + grouped.layer_boxes, plain.layer_logits + plain.layer_boxes):
+        assert torch.equal(a, b)  # own queries: bit-identical with and without the group
+    assert len(grouped.group_layer_logits) == 2 and grouped.group_layer_logits[0].shape == (2, 8, 3)
+    # inference afterwards (BN statistics moved by both forwards alike) is bit-identical
+    for a, b in zip(adapter.predict(student, batch.images), adapter.predict(with_group, batch.images)):
+        assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
+    assert all(torch.equal(v, with_group.state_dict()[k]) for k, v in student.state_dict().items())
+    with pytest.raises(ValueError, match="extra training input 'query_group' only"):
+        adapter.forward_train(student, batch, extra_inputs={"queries": prior})
+
+
+@needs_transformers
+@pytest.mark.usefixtures("single_thread")
+def test_query_prior_uses_the_teachers_assignment_and_trains_only_student_and_projections(batch, sgd) -> None:
+    from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher
+
+    from detdistill.adapters.base import get_adapter
+    from detdistill.config import DistillTermConfig
+    from detdistill.distill.distiller import Distiller, Teacher
+    from detdistill.distill.method import StepContext
+    from detdistill.engine.train import train_one_step
+
+    adapter = get_adapter("transformers")
+    student, teacher = _detr("deformable_detr", 2, 0, 32), _detr("deformable_detr", 3, 1, 64)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    distiller = Distiller(student, adapter, [DistillTermConfig(method="detr_query_prior")], Teacher(teacher, adapter))
+    method = distiller.method("detr_query_prior")
+    # the assignment equals transformers' own Deformable DETR matcher on the teacher's predictions
+    with torch.no_grad():
+        t_raw = adapter.forward_features(teacher, batch.images, need_head=True)
+        s_raw = adapter.forward_features(student, batch.images, need_head=True)
+    ctx = StepContext(0, batch, student, None, None, s_raw, t_raw)  # type: ignore[arg-type]
+    ours = method.teacher_assignment(ctx)
+    labels = [{"class_labels": t.labels, "boxes": box_convert(t.boxes, "xyxy", "cxcywh") / torch.tensor([128.0, 96, 128, 96])}
+              for t in batch.targets]
+    theirs = DeformableDetrHungarianMatcher(class_cost=1, bbox_cost=5, giou_cost=2)(
+        {"logits": t_raw.layer_logits[-1], "pred_boxes": t_raw.layer_boxes[-1]}, labels)
+    for (q, gt, lab), (rows, cols), target in zip(ours, theirs, labels):
+        order = rows.argsort()
+        assert q.tolist() == rows[order].tolist()
+        assert torch.allclose(gt, target["boxes"][cols[order]]) and lab.tolist() == target["class_labels"][cols[order]].tolist()
+    opt, sched = sgd(list(student.parameters()) + list(distiller.parameters()), lr=1e-3)
+    values = train_one_step(student, adapter, batch, 0, optimizer=opt, scheduler=sched, distiller=distiller)
+    assert values["loss/kd/detr_query_prior/cls"] > 0 and values["loss/kd/detr_query_prior/box"] > 0
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert method.embed_proj.weight.grad is not None and method.embed_proj.weight.grad.abs().sum() > 0
+    assert method.position_proj.weight.grad is not None
+    distiller.remove_hooks()
+    # a decoder without reference points, or another architecture, is refused by name
+    with pytest.raises(ValueError, match="the teacher has no decoder that takes a query group"):
+        Distiller(student, adapter, [DistillTermConfig(method="detr_query_prior")],
+                  Teacher(_detr("conditional_detr", 2, 2, 32), adapter))
+    with pytest.raises(ValueError, match="need the same DETR architecture"):
+        Distiller(student, adapter, [DistillTermConfig(method="detr_query_prior")], Teacher(_detr("rt_detr", 2, 2, 32), adapter))

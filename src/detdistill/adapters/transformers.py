@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..models import hf_detr
 from ..modules import unwrap
-from ..structures import Batch, Detections, RawOutputs
+from ..structures import Batch, Detections, QueryGroup, RawOutputs
 from ..taps import TapInfo, probe_tap_shapes
-from .base import ADAPTERS, no_extra_inputs
+from .base import ADAPTERS
 from .weights import load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -179,12 +179,19 @@ class TransformersAdapter:
     # ---- forward passes ---------------------------------------------------------
     def forward_train(self, model: nn.Module, batch: Batch, *, need_raw: bool = False,
                       extra_inputs: Mapping[str, Any] | None = None) -> tuple[dict[str, Tensor], RawOutputs]:
-        no_extra_inputs(self.name, extra_inputs)
+        """The model's own loss; with ``extra_inputs={"query_group": QueryGroup}`` the group also
+        runs through the decoder, in a second pass over this forward's encoder output (so it never
+        attends to, or changes, the model's own queries), and its per-layer outputs are returned
+        in ``group_layer_logits`` / ``group_layer_boxes``. The task loss does not include it."""
         bare = unwrap(model)
+        group = _query_group(bare, extra_inputs)
         pixels, mask = self._inputs(bare, batch.images)
         input_size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
-        out = model(pixel_values=pixels, pixel_mask=mask, labels=self._labels(bare, batch, input_size))
+        with _DecoderInputs(bare, enabled=group is not None) as captured:
+            out = model(pixel_values=pixels, pixel_mask=mask, labels=self._labels(bare, batch, input_size))
         raw = self._raw(bare, out, batch.images, input_size, need_head=need_raw)
+        if group is not None:
+            raw.group_layer_logits, raw.group_layer_boxes = _group_pass(bare, captured.kwargs, group)
         return {"detr_loss": out.loss}, raw
 
     def forward_features(self, model: nn.Module, images: list[Tensor], *, need_head: bool) -> RawOutputs:
@@ -196,8 +203,14 @@ class TransformersAdapter:
         if need_head:
             labels = [{"class_labels": torch.zeros(0, dtype=torch.long, device=pixels.device),
                        "boxes": pixels.new_zeros((0, 4))} for _ in images]
-        out = bare(pixel_values=pixels, pixel_mask=mask, labels=labels)
-        return self._raw(bare, out, images, (int(pixels.shape[-2]), int(pixels.shape[-1])), need_head=need_head)
+        with _DecoderInputs(bare, enabled=need_head and _arch_of(bare) in GROUP_ARCHS) as captured:
+            out = bare(pixel_values=pixels, pixel_mask=mask, labels=labels)
+        raw = self._raw(bare, out, images, (int(pixels.shape[-2]), int(pixels.shape[-1])), need_head=need_head)
+        if captured.kwargs:
+            kw = captured.kwargs
+            raw.decoder_queries = QueryGroup(_arch_of(bare), kw["inputs_embeds"], kw["reference_points"],
+                                             kw.get("object_queries_position_embeddings"))
+        return raw
 
     def _raw(self, model: nn.Module, out: Any, images: list[Tensor], input_size: tuple[int, int], *,
              need_head: bool) -> RawOutputs:
@@ -288,6 +301,82 @@ class TransformersAdapter:
             meta["category_ids"] = list(category_ids)
         (out_dir / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
         return out_dir / "model.safetensors"
+
+
+#: Architectures whose decoder can run an extra query group (queries + reference points in, per-layer
+#: boxes out). DETR and Conditional DETR decode from learned positional queries without reference
+#: points: DETRDistill's query priors are not implemented for them.
+GROUP_ARCHS = ("deformable_detr", "rt_detr", "rt_detr_v2")
+
+
+class _DecoderInputs:
+    """Records the keyword arguments of the model's decoder call (a removable pre-hook)."""
+
+    def __init__(self, model: nn.Module, *, enabled: bool) -> None:
+        self.kwargs: dict[str, Any] = {}
+        self._handle = None
+        if enabled:
+            self._handle = model.model.decoder.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, _module: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
+        self.kwargs = dict(kwargs)
+
+    def __enter__(self) -> "_DecoderInputs":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+
+def _query_group(model: nn.Module, extra_inputs: Mapping[str, Any] | None) -> QueryGroup | None:
+    if not extra_inputs:
+        return None
+    unknown = sorted(set(extra_inputs) - {"query_group"})
+    if unknown:
+        raise ValueError(f"the transformers adapter takes extra training input 'query_group' only; got {unknown}")
+    group = extra_inputs["query_group"]
+    arch = _arch_of(model)
+    if arch not in GROUP_ARCHS:
+        raise ValueError(f"{arch} cannot run an extra query group (no reference-point decoder); "
+                         f"query groups work with {', '.join(GROUP_ARCHS)}")
+    if not isinstance(group, QueryGroup) or group.kind != arch:
+        raise ValueError(f"query_group must be a QueryGroup of a {arch} decoder, got "
+                         f"{getattr(group, 'kind', type(group).__name__)!r}")
+    return group
+
+
+def _group_pass(model: nn.Module, captured: dict[str, Any], group: QueryGroup) -> tuple[list[Tensor], list[Tensor]]:
+    """Run ``group`` through the decoder on the encoder output of the pass that ``captured``
+    recorded; returns per-layer logits ``(N, Q, C)`` and cxcywh boxes ``(N, Q, 4)``, last last."""
+    if not captured:
+        raise RuntimeError("the decoder's inputs were not recorded: the forward pass did not reach the decoder")
+    kw = dict(captured)
+    kw["inputs_embeds"] = group.embeds
+    kw["reference_points"] = group.reference_points
+    if "object_queries_position_embeddings" in kw:
+        kw["object_queries_position_embeddings"] = group.position
+    if group.kind.startswith("rt_detr"):
+        # RT-DETR passes its denoising self-attention mask (sized for dn + Q queries) under this
+        # name; the group has no denoising queries
+        kw["encoder_attention_mask"] = None
+    out = model.model.decoder(**kw)
+    if group.kind.startswith("rt_detr"):  # its decoder applies the heads itself
+        return list(out.intermediate_logits.unbind(1)), list(out.intermediate_reference_points.unbind(1))
+    # Deformable DETR: the heads live on the detection model; box = sigmoid(delta + logit(reference))
+    hidden, refs = out.intermediate_hidden_states, out.intermediate_reference_points
+    logits, boxes = [], []
+    for level in range(hidden.shape[1]):
+        reference = group.reference_points if level == 0 else refs[:, level - 1]
+        reference = torch.logit(reference.clamp(1e-5, 1 - 1e-5))
+        delta = model.bbox_embed[level](hidden[:, level])
+        if reference.shape[-1] == 4:
+            coord = delta + reference
+        else:
+            coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+        logits.append(model.class_embed[level](hidden[:, level]))
+        boxes.append(coord.sigmoid())
+    return logits, boxes
 
 
 def _post_process(arch: str, out: Any, threshold: float, frame: list[tuple[int, int]], top_k: int) -> list[dict[str, Tensor]]:
