@@ -20,7 +20,6 @@ ground truth in an image its quality is the score alone.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
