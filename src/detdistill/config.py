@@ -108,6 +108,11 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0)
     ckpt_every: int = Field(100, ge=0)
+    # An exponential moving average of the weights is what evaluation, export and a teacher
+    # checkpoint use (engine/ema.py): decay ramps as ema_decay * (1 - exp(-t / ema_warmup_steps)).
+    ema: bool = True
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0)
+    ema_warmup_steps: float = Field(50.0, gt=0.0)
 
     @field_validator("device")
     @classmethod

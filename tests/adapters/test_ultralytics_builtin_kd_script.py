@@ -36,11 +36,15 @@ def _script():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory):
-    from conftest import tiny_config_dict  # the suite conftest's plain helper (tests/ is on sys.path)
     from detdistill.config import config_from_dict
 
+    # the suite conftest's plain helper, by path: `import conftest` finds whichever conftest
+    # module pytest registered under that name last
+    spec = importlib.util.spec_from_file_location("suite_conftest", REPO / "tests" / "conftest.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
     tmp = tmp_path_factory.mktemp("builtin_kd")
-    data = tiny_config_dict(tmp)
+    data = suite.tiny_config_dict(tmp)
     data["model"] = {"framework": "ultralytics", "arch": "yolov8n"}
     data["data"]["crop_size"] = 64
     data["train"].update(steps=2, batch_size=2, warmup_steps=1)

@@ -221,3 +221,32 @@ def test_ddp_gradients_and_sharded_eval_match_single_process(tmp_path, crop_data
     assert 5.0 < single["AP"] < 95.0 and single["num_images"] == len(EVAL_IMAGES)
     for r in range(2):
         assert ranks[r]["eval"] == pytest.approx(single, nan_ok=True), f"rank {r}"
+
+
+def test_ema_is_the_same_on_every_rank_and_is_what_rank_0_saves(tmp_path, tiny_config_yaml, single_thread):
+    """A 2-rank run of 3 steps: each rank averages its own (identical) weights, so the ranks'
+    EMAs agree bitwise, and the checkpoint rank 0 writes holds that EMA."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from detdistill.engine.checkpoint import load_checkpoint
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # spawned ranks import the worker by name
+        sys.path.insert(0, here)
+    import _ddp_train_worker as worker
+
+    cfg_path = tiny_config_yaml(train__steps=3, train__batch_size=2, train__ema_decay=0.5, train__ema_warmup_steps=1.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(worker.run, args=(2, port, str(cfg_path), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert int(r0["ema"]["n_averaged"]) == 3
+    for k in r0["ema"]:
+        assert torch.equal(r0["ema"][k], r1["ema"][k]), f"ranks' EMAs differ at {k}"
+    saved = load_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt")["ema"]
+    for k in r0["ema"]:
+        assert torch.equal(saved[k], r0["ema"][k]), k
+    assert any(not torch.equal(r0["ema"][f"module.{k}"], v) for k, v in r0["model"].items() if v.is_floating_point())

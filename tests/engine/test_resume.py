@@ -71,6 +71,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_config)
     b = load_checkpoint(cfg_b.run_dir / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == STEPS
     _assert_same_tree(a["model"], b["model"], "model")
+    _assert_same_tree(a["ema"], b["ema"], "ema")  # the average resumes too (train.ema is on by default)
+    assert int(a["ema"]["n_averaged"]) == STEPS
     _assert_same_tree(a["optimizer"], b["optimizer"], "optimizer")
     _assert_same_tree(a["scheduler"], b["scheduler"], "scheduler")
     _assert_same_tree(a["rng"], b["rng"], "rng")

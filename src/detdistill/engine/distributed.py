@@ -69,6 +69,20 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics).
+
+    Each rank's BatchNorm sees only its share of the batch, so after a step the ranks' running
+    statistics differ; DDP copies rank 0's at the start of the next forward. Doing it right after
+    the step instead keeps everything read between steps (the EMA update, a sharded evaluation)
+    the same on every rank.
+    """
+    if not info.enabled:
+        return
+    for b in model.buffers():
+        dist.broadcast(b, src=0)
+
+
 def all_reduce_grads(params: list[nn.Parameter], info: DistInfo) -> None:
     """Average gradients of parameters that live outside the DDP-wrapped model (KD connectors)."""
     if not info.enabled:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from ..adapters.base import DetectorAdapter, get_adapter
@@ -28,6 +29,7 @@ from ..modules import unwrap
 from .checkpoint import load_checkpoint, remove_stale_temporaries, set_rng_state
 from .device import resolve_device, seed_everything
 from .distributed import DistInfo, init_distributed, wrap_ddp
+from .ema import build_ema
 from .optim import build_optimizer, build_scheduler
 from .restore import restore_model
 
@@ -53,6 +55,12 @@ class Run:
     start: int
     loader: DataLoader
     val_ds: EvalDataset
+    ema: AveragedModel | None = None  # the weights evaluated and exported, when train.ema
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model evaluation and export use: the EMA weights when kept, else the weights."""
+        return self.ema.module if self.ema is not None else self.model
 
     @property
     def run_dir(self) -> Path:
@@ -181,6 +189,7 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
         if stale:
             say(f"removed {len(stale)} temporary checkpoint file(s) left by an interrupted write: "
                 + ", ".join(p.name for p in stale))
+    ema = build_ema(unwrap(model), cfg.train.ema_decay, cfg.train.ema_warmup_steps) if cfg.train.ema else None
     start = 0
     ckpt_path = Path(resume) if isinstance(resume, (str, Path)) else cfg.run_dir / "checkpoints" / "last.pt"
     if resume and ckpt_path.is_file():
@@ -195,6 +204,12 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start = int(state["step"])
+        if ema is not None:
+            if state.get("ema"):
+                ema.load_state_dict(state["ema"])
+            else:  # written without EMA: the average starts from the resumed weights
+                say(f"note: {ckpt_path} holds no EMA weights; the EMA starts from the resumed weights")
+                ema = build_ema(unwrap(model), cfg.train.ema_decay, cfg.train.ema_warmup_steps)
         say(f"resumed from {ckpt_path} at step {start}")
     elif isinstance(resume, (str, Path)):
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
@@ -214,4 +229,5 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=d.workers, collate_fn=collate,
                         persistent_workers=d.workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
     return Run(cfg, device, info, say, train_set, val_set, adapter, model, wrap_ddp(model, info, device), distiller,
-               optimizer, scheduler, scaler, make_autocast(cfg, device), start, loader, EvalDataset(val_set, EvalTransform()))
+               optimizer, scheduler, scaler, make_autocast(cfg, device), start, loader, EvalDataset(val_set, EvalTransform()),
+               ema)

@@ -33,7 +33,8 @@ from ..structures import Batch
 from .checkpoint import rng_state, save_checkpoint
 from .coco_eval import EvalResult
 from .device import peak_memory_mb
-from .distributed import DistInfo, all_reduce_grads, cleanup, gather_objects, mean_over_ranks, reduce_mean
+from .distributed import (DistInfo, all_reduce_grads, broadcast_buffers, cleanup, gather_objects, mean_over_ranks,
+                          reduce_mean)
 from .evaluate import evaluate
 from .setup import build_run
 
@@ -120,9 +121,10 @@ def _warn_stuck_terms(means: dict[str, float], history: dict[str, list[float]], 
 
 
 def _checkpoint_state(cfg: Config, model: nn.Module, distiller: Distiller | None, optimizer: torch.optim.Optimizer,
-                      scheduler: Any, scaler: Any, step: int, dset: DetectionSet) -> dict[str, Any]:
+                      scheduler: Any, scaler: Any, step: int, dset: DetectionSet, ema: nn.Module | None = None) -> dict[str, Any]:
     return {
         "model": unwrap(model).state_dict(),
+        "ema": ema.state_dict() if ema is not None else {},  # AveragedModel: module.* weights + n_averaged
         "distiller": distiller.state_dict() if distiller is not None else {},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -153,7 +155,7 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
     logger = MetricsLogger(run_dir, resume_step=start, final_step=cfg.train.steps) if info.is_main else None
 
     def run_eval(step: int) -> EvalResult:
-        result = evaluate(model, adapter, run.val_ds, cfg.eval, run.device, info=info, progress=progress,
+        result = evaluate(run.eval_model, adapter, run.val_ds, cfg.eval, run.device, info=info, progress=progress,
                           nms_thresh=cfg.model.nms_thresh)
         if logger is not None:
             logger.log(step, "eval", result.as_dict())
@@ -162,7 +164,8 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
 
     def write_ckpt(step: int) -> None:
         if info.is_main:
-            save_checkpoint(ckpt_dir / "last.pt", _checkpoint_state(cfg, model, distiller, optimizer, scheduler, scaler, step, train_set))
+            save_checkpoint(ckpt_dir / "last.pt", _checkpoint_state(cfg, model, distiller, optimizer, scheduler, scaler, step,
+                                                                    train_set, run.ema))
 
     t0 = time.perf_counter()
     window: dict[str, list[float]] = {}
@@ -182,6 +185,9 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
             values = train_one_step(run.ddp_model, adapter, batch, step, optimizer=optimizer, scheduler=scheduler,
                                     distiller=distiller, grad_clip=cfg.train.grad_clip, autocast=run.autocast,
                                     scaler=scaler, info=info)
+            broadcast_buffers(model, info)  # rank 0's BatchNorm statistics everywhere, as DDP's next forward would
+            if run.ema is not None:
+                run.ema.update_parameters(model)  # every rank holds the same weights, so the same average
             step_times.append(time.perf_counter() - ts)
             for k, v in values.items():
                 window.setdefault(k, []).append(v)
@@ -209,7 +215,7 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
             if info.is_main:
                 (run_dir / "final_metrics.json").write_text(json.dumps(
                     {k: (v if math.isfinite(v) else None) for k, v in final.as_dict().items()}, indent=2))
-                adapter.export(model, cfg.model, train_set.num_classes, run_dir / "export",
+                adapter.export(run.eval_model, cfg.model, train_set.num_classes, run_dir / "export",
                                class_names=train_set.class_names, category_ids=train_set.category_ids)
     except NonFiniteLossError as err:
         raise NonFiniteLossError(f"{err}. Last good checkpoint: {ckpt_dir / 'last.pt'}") from None
