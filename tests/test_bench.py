@@ -1,25 +1,52 @@
-"""``detdistill bench``: verdicts only beyond the seed spread, report files, resumability."""
+"""``detdistill bench``: paired verdicts on synthetic numbers, report files, resumability."""
 
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 import yaml
+from scipy import stats
 
 from detdistill.bench import run_bench, verdicts
 from detdistill.engine.train import train
+from detdistill.report.paired import paired_verdict
 
 
-def _row(name: str, mean: float, std: float, n: int = 3) -> dict:
-    return {"name": name, "n": n, "AP_mean": mean, "AP_std": std}
+def test_paired_verdict_uses_per_seed_gains_and_a_one_sided_t_test():
+    # seed spread 20 AP, but the method gains on every seed: a paired gain, unpaired "noise"
+    base = {0: 20.0, 1: 40.0, 2: 30.0, 3: 45.0, 4: 25.0}
+    method = {0: 22.0, 1: 41.5, 2: 32.5, 3: 46.0, 4: 27.0}
+    r = paired_verdict(base, method)
+    gains = [2.0, 1.5, 2.5, 1.0, 2.0]
+    mean, sd = sum(gains) / 5, math.sqrt(sum((g - 1.8) ** 2 for g in gains) / 4)
+    assert (r.n, r.wins, r.losses) == (5, 5, 0)
+    assert r.mean_gain == pytest.approx(mean) and r.std_gain == pytest.approx(sd)
+    assert r.t == pytest.approx(mean / (sd / math.sqrt(5)))
+    assert r.p_greater == pytest.approx(stats.ttest_rel(list(method.values()), list(base.values()),
+                                                        alternative="greater").pvalue)
+    assert r.verdict == "beats" and "5 wins / 0 losses" in r.describe()
+    # the same values shuffled between seeds: no pairing left, the verdict must not claim a gain
+    shuffled = dict(zip(method, [46.0, 22.0, 27.0, 32.5, 41.5]))
+    assert paired_verdict(base, shuffled).verdict == "within noise"
+    # a consistent loss is "worse"
+    assert paired_verdict(base, {s: v - 3.0 + 0.1 * s for s, v in base.items()}).verdict == "worse"
 
 
-def test_verdicts_claim_a_gain_only_beyond_the_summed_spread():
-    rows = [_row("alone", 40.0, 1.0), _row("big", 43.0, 1.0), _row("noise", 41.5, 1.0), _row("bad", 37.0, 0.5)]
-    v = verdicts(rows, "alone")
-    assert v["big"].startswith("beats")       # +3.0 > 1.0 + 1.0
-    assert v["noise"].startswith("within noise")  # +1.5 <= 2.0
-    assert v["bad"].startswith("worse")       # -3.0, |gain| > 1.5
+def test_paired_verdict_edge_cases():
+    assert paired_verdict({0: 1.0, 1: 2.0}, {0: 3.0, 1: 4.0}).verdict == "no claim"  # < 3 seeds
+    assert paired_verdict({0: 1.0}, {1: 2.0}).n == 0  # no common seed
+    r = paired_verdict({0: 1.0, 1: 2.0, 2: 3.0, 3: math.nan}, {0: 2.0, 1: 3.0, 2: 4.0, 3: 9.0})
+    assert r.n == 3 and r.std_gain == 0.0 and r.verdict == "beats"  # +1 on every seed; the nan seed is dropped
+    assert paired_verdict({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.0, 1: 2.0, 2: 3.0}).verdict == "within noise"
+
+
+def test_bench_verdicts_pair_by_seed():
+    per_seed = {"alone": {0: {"AP": 10.0}, 1: {"AP": 30.0}, 2: {"AP": 20.0}},
+                "kd": {0: {"AP": 11.0}, 1: {"AP": 31.5}, 2: {"AP": 21.2}}}
+    v = verdicts(per_seed, "alone")
+    assert list(v) == ["kd"] and v["kd"].verdict == "beats" and v["kd"].gains == pytest.approx({0: 1.0, 1: 1.5, 2: 1.2})
 
 
 def test_bench_runs_reports_and_resumes(tiny_config, tiny_config_yaml, tmp_path, capsys):
@@ -41,11 +68,13 @@ def test_bench_runs_reports_and_resumes(tiny_config, tiny_config_yaml, tmp_path,
 
     rows = run_bench(spec_path, out_dir=out, progress=False)
     assert [r["name"] for r in rows] == ["alone", "l2"] and all(r["n"] == 2 for r in rows)
-    for name in ("results.md", "results.json", "bars.png"):
+    for name in ("results.md", "results.json", "bars.png", "paired.png"):
         assert (out / name).stat().st_size > 0
     report = (out / "results.md").read_text()
-    assert "Teacher AP" in report and "Verdict on AP" in report and "fewer than 3 seeds: no claim" in report
-    assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1]
+    assert "Teacher AP" in report and "Paired verdict on AP" in report and "fewer than 3 paired seeds" in report
+    assert "Per-seed AP gain over `alone`" in report
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["paired"]["l2"]["n"] == 2 and saved["paired"]["l2"]["verdict"] == "no claim"
     # The distilled runs really distilled: their config carries the teacher and the term.
     run_cfg = yaml.safe_load((out / "l2" / "seed1" / "bench_config.yaml").read_text())
     assert run_cfg["teacher"]["checkpoint"].endswith("last.pt") and run_cfg["distill"][0]["method"] == "l2"

@@ -16,8 +16,11 @@ Every (method, seed) run trains in its own subprocess (so peak memory is per run
 ``<out>/<method>/seed<k>``; a finished run is skipped and an interrupted one resumes from
 its last checkpoint, so an interrupted bench continues where it stopped. The report holds
 AP, AP50, AP75, APs, APm, APl as mean ± std over seeds, seconds per training step and
-peak memory, a bar plot with error bars, and a verdict per method: it *beats* the
-baseline only when its mean gain exceeds the sum of both standard deviations.
+peak memory, a bar plot with error bars, a paired plot (a line per seed from the baseline
+to the method), and a **paired verdict** per method on ``primary_metric``: the per-seed gains
+over the baseline (same seed = same student initialisation and same crops), their mean, std,
+wins and losses, and a one-sided paired t-test; a method *beats* the baseline only when
+p < 0.05 (:mod:`detdistill.report.paired`). The default is 5 seeds; fewer than 3 make no claim.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ConfigError, DistillTermConfig, TeacherConfig, load_config
-from .report.plots import plot_bars
+from .report.paired import PairedResult, paired_verdict
+from .report.plots import plot_bars, plot_paired
 from .report.tables import aggregate_seeds, format_metrics_table, markdown_table
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
@@ -53,7 +57,7 @@ class BenchSpec(BaseModel):
     student_config: str
     teacher_checkpoint: str | None = None
     teacher_input_scale: float = 1.0
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
     overrides: list[str] = Field(default_factory=list)
     methods: list[BenchMethod]
     baseline: str = "alone"
@@ -153,29 +157,25 @@ def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] 
         if rc != 0 or _collect(run_dir) is None:
             raise RuntimeError(f"run {method.name} seed {seed} failed (exit {rc}); see {run_dir / 'train.log'}")
     rows = []
+    per_seed: dict[str, dict[int, dict[str, float]]] = {}
     for method in spec.methods:
-        runs = [m for s in sorted(set(spec.seeds) | set(run_seeds)) if (m := _collect(out / method.name / f"seed{s}"))]
-        if runs:
-            rows.append({"name": method.name, "n": len(runs), **aggregate_seeds(runs)})
-    return write_report(spec, out, rows, _teacher_metrics(spec, out), sorted(set(spec.seeds) | set(run_seeds)))
+        found = {s: m for s in sorted(set(spec.seeds) | set(run_seeds)) if (m := _collect(out / method.name / f"seed{s}"))}
+        if found:
+            per_seed[method.name] = found
+            rows.append({"name": method.name, "n": len(found), **aggregate_seeds(list(found.values()))})
+    return write_report(spec, out, rows, _teacher_metrics(spec, out), sorted(set(spec.seeds) | set(run_seeds)), per_seed)
 
 
-def verdicts(rows: list[dict[str, Any]], baseline: str, metric: str = "AP") -> dict[str, str]:
-    """'beats' / 'worse' only when |mean gain| > std_method + std_baseline, else 'within noise'."""
-    base = next(r for r in rows if r["name"] == baseline)
-    out = {}
-    for r in rows:
-        if r["name"] == baseline:
-            continue
-        gain = r[f"{metric}_mean"] - base[f"{metric}_mean"]
-        spread = r[f"{metric}_std"] + base[f"{metric}_std"]
-        out[r["name"]] = (f"beats (+{gain:.1f})" if gain > spread else f"worse ({gain:.1f})" if -gain > spread
-                          else f"within noise ({gain:+.1f} vs spread {spread:.1f})")
-    return out
+def verdicts(per_seed: dict[str, dict[int, dict[str, float]]], baseline: str, metric: str = "AP") -> dict[str, PairedResult]:
+    """The paired verdict of every method against ``baseline`` on ``metric`` (see
+    :func:`detdistill.report.paired.paired_verdict`); ``per_seed`` is method -> seed -> metrics."""
+    base = {s: m.get(metric, math.nan) for s, m in per_seed.get(baseline, {}).items()}
+    return {name: paired_verdict(base, {s: m.get(metric, math.nan) for s, m in runs.items()})
+            for name, runs in per_seed.items() if name != baseline}
 
 
 def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher: dict[str, float] | None,
-                 seeds: list[int]) -> list[dict[str, Any]]:
+                 seeds: list[int], per_seed: dict[str, dict[int, dict[str, float]]] | None = None) -> list[dict[str, Any]]:
     extra = [spec.primary_metric] if spec.primary_metric not in METRICS else []
     cols = ["name", "n"] + METRICS + extra + ["s_per_step", "peak_mem_mb"]
     lines = [f"# Benchmark {spec.name}", "", f"Student config: `{spec.student_config}`; seeds {seeds}; "
@@ -191,16 +191,27 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
                             "WARNING: the teacher does NOT beat the student alone; KD results below are not meaningful."))
         lines.append("")
     lines.append(markdown_table(rows, cols))
-    if base is not None:
-        lines += ["", f"Verdict on {spec.primary_metric} (a method beats the baseline only when its gain exceeds the sum "
-                  "of the seed stds):", ""]
-        lines += [f"- {name}: {v}" + (" (fewer than 3 seeds: no claim)" if next(r for r in rows if r["name"] == name)["n"] < 3
-                  or base["n"] < 3 else "") for name, v in verdicts(rows, spec.baseline, spec.primary_metric).items()]
+    paired: dict[str, PairedResult] = {}
+    if base is not None and per_seed:
+        pm = spec.primary_metric
+        paired = verdicts(per_seed, spec.baseline, pm)
+        lines += ["", f"Paired verdict on {pm} against `{spec.baseline}` (per-seed gains; a method beats the "
+                  "baseline only when a one-sided paired t-test gives p < 0.05, and 3+ paired seeds are needed):", ""]
+        lines += [f"- {name}: {v.describe()}" for name, v in paired.items()]
+        gain_rows = [{"name": name, **{f"seed {s}": g for s, g in v.gains.items()}} for name, v in paired.items()]
+        gain_cols = ["name"] + [f"seed {s}" for s in seeds if any(f"seed {s}" in r for r in gain_rows)]
+        lines += ["", f"Per-seed {pm} gain over `{spec.baseline}`:", "", markdown_table(gain_rows, gain_cols)]
+        plot_paired({n: {s: m.get(pm, math.nan) for s, m in runs.items()} for n, runs in per_seed.items()},
+                    spec.baseline, pm, out / "paired.png", f"{spec.name}: {pm} per seed, {spec.baseline} -> method")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "teacher": teacher, "seeds": seeds}, indent=2, default=str))
+    (out / "results.json").write_text(json.dumps(
+        {"rows": rows, "teacher": teacher, "seeds": seeds,
+         "paired": {n: {**{k: getattr(v, k) for k in ("n", "mean_gain", "std_gain", "wins", "losses", "t", "p_greater",
+                                                       "p_less", "verdict")}, "gains": v.gains} for n, v in paired.items()}},
+        indent=2, default=str))
     plot_bars(rows, ["AP", "AP50", "AP75", "APs", "APm"] + extra, out / "bars.png", f"{spec.name}: mean ± std over {len(seeds)} seeds")
     print(format_metrics_table(rows, cols, title=f"{spec.name} (mean ± std over seeds {seeds})"))
-    print("\n".join(ln for ln in lines if ln.startswith(("Teacher", "WARNING", "Verdict", "- "))))
-    print(f"report: {out / 'results.md'}, plot: {out / 'bars.png'}")
+    print("\n".join(ln for ln in lines if ln.startswith(("Teacher", "WARNING", "Paired verdict", "- "))))
+    print(f"report: {out / 'results.md'}, plots: {out / 'bars.png'}" + (f", {out / 'paired.png'}" if paired else ""))
     return rows

@@ -173,12 +173,16 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
     model = adapter.build(cfg.model, train_set.num_classes).to(device)
     distiller = None
     if cfg.distill:
-        teacher = load_teacher(cfg.teacher, device) if cfg.teacher is not None else None
-        if teacher is not None and teacher.class_names != train_set.class_names:
-            say(f"note: the teacher's {len(teacher.class_names or [])} classes ({_names(teacher.class_names or [])}) "
-                f"differ from the data's {train_set.num_classes} ({_names(train_set.class_names)}); "
-                "feature KD still works, logit KD refuses")
-        distiller = Distiller(model, adapter, cfg.distill, teacher, num_classes=train_set.num_classes).to(device)
+        # Paired seeds: the teacher's probe passes and the methods' own modules (connectors, ...)
+        # draw random numbers; on a forked RNG they leave the stream the student trains on
+        # exactly as in the same seed's run without distillation.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            teacher = load_teacher(cfg.teacher, device) if cfg.teacher is not None else None
+            if teacher is not None and teacher.class_names != train_set.class_names:
+                say(f"note: the teacher's {len(teacher.class_names or [])} classes ({_names(teacher.class_names or [])}) "
+                    f"differ from the data's {train_set.num_classes} ({_names(train_set.class_names)}); "
+                    "feature KD still works, logit KD refuses")
+            distiller = Distiller(model, adapter, cfg.distill, teacher, num_classes=train_set.num_classes).to(device)
     params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
     optimizer = build_optimizer(cfg.train, params, distiller.optimizer_overrides() if distiller is not None else ())
     scheduler = build_scheduler(cfg.train, optimizer)

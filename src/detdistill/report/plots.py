@@ -168,3 +168,35 @@ def plot_bars(rows: list[dict], metric_keys: list[str], out: Path, title: str) -
     fig.tight_layout()
     fig.savefig(out)
     return out
+
+
+def plot_paired(per_seed: dict[str, dict[int, float]], baseline: str, metric: str, out: Path, title: str) -> Path:
+    """One panel per method: a line per seed from the baseline's value to the method's.
+
+    Lines going up on every seed is a paired gain, whatever the spread between seeds; crossing
+    lines are noise. ``per_seed`` maps method name -> ``{seed: value}``.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in per_seed if m != baseline]
+    base = per_seed.get(baseline, {})
+    fig = _new_figure((max(4.0, 2.4 * max(len(methods), 1)), 3.8))
+    for i, name in enumerate(methods):
+        ax = fig.add_subplot(1, max(len(methods), 1), i + 1)
+        seeds = sorted(s for s in set(base) & set(per_seed[name]) if _finite(base[s]) and _finite(per_seed[name][s]))
+        for j, s in enumerate(seeds):
+            b, m = base[s], per_seed[name][s]
+            ax.plot([0, 1], [b, m], marker="o", color="C2" if m > b else "C3" if m < b else "C7", alpha=0.8)
+            ax.annotate(f"s{s}", (1, m), textcoords="offset points", xytext=(4, 0), fontsize=7, va="center")
+        gains = [per_seed[name][s] - base[s] for s in seeds]
+        mean = sum(gains) / len(gains) if gains else math.nan
+        ax.set_xticks([0, 1], [baseline, name], fontsize=8)
+        ax.set_xlim(-0.3, 1.4)
+        ax.set_title(f"{name}: {mean:+.1f}" if gains else name, fontsize=9)
+        if i == 0:
+            ax.set_ylabel(metric)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
