@@ -89,6 +89,10 @@ class DataConfig(_Strict):
     cache_images: bool = True
     workers: int = Field(2, ge=0)
     verify_images: bool = False  # decode every image when the data loads: a corrupt file fails at once, named
+    # Tuning without touching val: carve this fraction of the *train* images (fixed by
+    # tune_seed) as a `tune` split; the run trains on the rest and evaluates on it (data/splits.py).
+    tune_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    tune_seed: int = 0
 
 
 class TrainConfig(_Strict):
@@ -162,6 +166,9 @@ class DistillTermConfig(_Strict):
     pairs: list[tuple[str, str]] = Field(default_factory=list)
     weight: float | None = Field(None, ge=0.0)  # None: the method's default_weight (`detdistill list`)
     warmup_steps: int = Field(0, ge=0)
+    # Scale the term once, at the first step, to the task loss: weight 1 then starts the term
+    # equal to the detection loss (from-scratch feature magnitudes vary a lot). Fixed after that.
+    normalize: bool = False
     connector: Literal["auto", "conv1x1", "conv1x1_bn", "none"] = "auto"
     params: dict[str, Any] = Field(default_factory=dict)
 

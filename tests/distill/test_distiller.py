@@ -458,3 +458,24 @@ def test_connector_module_is_the_distillers(adapter, pair):
     assert _connectors(distiller)
     student_ids = {id(p) for p in student.parameters()}
     assert not any(id(p) in student_ids for p in distiller.parameters())
+
+
+def test_normalize_scales_a_term_to_the_task_loss_once_and_checkpoints_the_factor(adapter, build, batch_maker, sgd):
+    student, teacher = build("fcos"), build("fcos", fpn=64, seed=1)
+    term = _term("pkd", weight=0.5, normalize=True)
+    distiller = Distiller(student, adapter, [term], Teacher(teacher, adapter))
+    opt, sched = sgd(list(student.parameters()) + list(distiller.parameters()))
+    first = train_one_step(student, adapter, batch_maker(seed=0), 0, optimizer=opt, scheduler=sched, distiller=distiller)
+    task = sum(v for k, v in first.items() if k.startswith("loss/") and not k.startswith("loss/kd/"))
+    assert first["loss/kd/pkd"] == pytest.approx(0.5 * task, rel=1e-5)  # weight 0.5 x the task loss at the start
+    scale = float(distiller.kd_scales[0])
+    assert math.isfinite(scale) and scale > 0
+    second = train_one_step(student, adapter, batch_maker(seed=1), 1, optimizer=opt, scheduler=sched, distiller=distiller)
+    assert float(distiller.kd_scales[0]) == scale  # measured once, then fixed
+    task2 = sum(v for k, v in second.items() if k.startswith("loss/") and not k.startswith("loss/kd/"))
+    assert second["loss/kd/pkd"] != pytest.approx(0.5 * task2, rel=1e-3)  # not re-normalised every step
+    assert "kd_scales" in distiller.state_dict()  # resumes with the same factor
+    distiller.remove_hooks()
+    plain = Distiller(student, adapter, [_term("pkd")], Teacher(teacher, adapter))
+    assert "kd_scales" not in plain.state_dict()  # old checkpoints keep loading
+    plain.remove_hooks()

@@ -94,6 +94,10 @@ class Distiller(nn.Module):
         self._student_taps: FeatureTaps | None = None
         self._teacher_taps: FeatureTaps | None = None
         self._bound_student: int | None = None
+        # `normalize: true` terms: task loss / term at the first step, kept (and checkpointed) after
+        self._normalized = [label for label, t in self.terms.items() if t.normalize]
+        if self._normalized:
+            self.register_buffer("kd_scales", torch.full((len(self._normalized),), float("nan")))
 
     @staticmethod
     def _key(label: str) -> str:
@@ -117,6 +121,18 @@ class Distiller(nn.Module):
         if term.warmup_steps and step < term.warmup_steps:
             return w * step / term.warmup_steps
         return w
+
+    def _scale(self, label: str, task: Tensor, term: Tensor) -> Tensor:
+        """The fixed factor of a ``normalize`` term: task loss / unweighted term at its first step,
+        averaged over DDP ranks so every rank scales alike."""
+        i = self._normalized.index(label)
+        if torch.isnan(self.kd_scales[i]):
+            ratio = (task / term.clamp_min(1e-12)).reshape(1).float()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(ratio)
+                ratio /= torch.distributed.get_world_size()
+            self.kd_scales[i] = ratio[0]
+        return self.kd_scales[i]
 
     def _ensure_taps(self, student: nn.Module) -> tuple[FeatureTaps, FeatureTaps | None]:
         # Hooks are attached lazily and once: attaching per step would cost, and the same
@@ -167,9 +183,13 @@ class Distiller(nn.Module):
             if self.run_teacher and not self.teacher_first:
                 ctx.teacher_raw = self.teacher_forward(batch)
             # 3. each method, 4. weighted into the total
+            task = sum(v.detach() for v in losses.values())
             for label, term in self.terms.items():
-                w = self.weight(term, step)
-                for part, value in self.methods[self._key(label)](ctx).items():
+                w: float | Tensor = self.weight(term, step)
+                parts = self.methods[self._key(label)](ctx)
+                if term.normalize:
+                    w = w * self._scale(label, task, sum(v.detach() for v in parts.values()))
+                for part, value in parts.items():
                     losses[f"kd/{label}/{part}" if part else f"kd/{label}"] = w * value
             return losses
         finally:
