@@ -13,6 +13,15 @@ def test_quickstart_trains_teacher_student_and_distilled_student(tmp_path, capsy
         assert 0.0 <= row["AP"] <= 100.0 and row["s/step"] > 0
     out = capsys.readouterr().out
     assert "student + PKD" in out and "AP/car" in out
+    assert "distillation vs the student alone: AP/car" in out  # the gain, printed
+    assert (tmp_path / "comparison.png").stat().st_size > 0  # one figure of the three runs
+    # PKD is scaled to the task loss at its first step (weight 1 x a factor fixed then, checkpointed)
+    import math
+
+    from detdistill.engine.checkpoint import load_checkpoint
+
+    scales = load_checkpoint(tmp_path / "student_pkd" / "checkpoints" / "last.pt")["distiller"]["kd_scales"]
+    assert scales.shape == (1,) and math.isfinite(float(scales[0])) and float(scales[0]) > 0
     # The distilled student really distilled, and its export holds no connector weights.
     metrics = (tmp_path / "student_pkd" / "metrics.jsonl").read_text()
     assert '"loss/kd/pkd"' in metrics
