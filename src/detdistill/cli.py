@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
         from .engine.train import NonFiniteLossError
 
-        user_errors = (ConfigError, FileNotFoundError, ValueError, KeyError, ImportError, NonFiniteLossError)
+        # NotImplementedError: a combination an adapter does not support, said in its message
+        user_errors = (ConfigError, FileNotFoundError, ValueError, KeyError, ImportError, NotImplementedError,
+                       NonFiniteLossError)
         if os.environ.get("DETDISTILL_DEBUG") or not isinstance(err, user_errors):
             raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

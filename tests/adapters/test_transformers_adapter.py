@@ -226,3 +226,16 @@ def test_cli_trains_evaluates_distils_and_exports_a_detr(tmp_path: Path, tiny_co
     loaded = transformers.RTDetrForObjectDetection.from_pretrained(str(exp), local_files_only=True)
     assert loaded.config.id2label[0] == "car"
     assert not any("connector" in k for k in loaded.state_dict())  # the student alone
+
+
+def test_unsupported_export_format_is_a_one_line_cli_error(tmp_path: Path, tiny_config_yaml, capsys) -> None:
+    from detdistill.cli import main
+
+    model = {"framework": "transformers", "arch": "rt_detr", "options": tiny_options("rt_detr")}
+    cfg = tiny_config_yaml("detr.yaml", output_dir=str(tmp_path / "runs" / "detr"), model=model, data__crop_size=64,
+                           eval__max_images=1)
+    assert main(["train", str(cfg), "train.steps=1", "--quiet"]) == 0
+    capsys.readouterr()
+    ckpt = tmp_path / "runs" / "detr" / "checkpoints" / "last.pt"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--format", "onnx"]) == 2
+    assert "ONNX export of transformers DETRs is not supported" in capsys.readouterr().err
