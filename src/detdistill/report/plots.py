@@ -181,8 +181,10 @@ def plot_paired(per_seed: dict[str, dict[int, float]], baseline: str, metric: st
     methods = [m for m in per_seed if m != baseline]
     base = per_seed.get(baseline, {})
     fig = _new_figure((max(4.0, 2.4 * max(len(methods), 1)), 3.8))
+    first = None
     for i, name in enumerate(methods):
-        ax = fig.add_subplot(1, max(len(methods), 1), i + 1)
+        ax = fig.add_subplot(1, max(len(methods), 1), i + 1, sharey=first)  # one scale: panels compare
+        first = first or ax
         seeds = sorted(s for s in set(base) & set(per_seed[name]) if _finite(base[s]) and _finite(per_seed[name][s]))
         for j, s in enumerate(seeds):
             b, m = base[s], per_seed[name][s]
