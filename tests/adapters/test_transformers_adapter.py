@@ -119,7 +119,37 @@ def test_taps_name_backbone_neck_encoder_and_decoder_with_strides(arch: str) -> 
     assert necks == expected.get(arch, {"neck.p3": (32, 8), "neck.p4": (32, 16), "neck.p5": (32, 32)})
     assert taps["decoder.layer0"].kind == "tokens" and taps["decoder.layer1"].channels == 32
     encoder = [n for n in taps if n.startswith("encoder.")]
-    assert encoder == (["encoder.p3", "encoder.p4", "encoder.p5"] if arch.startswith("rt_detr") else ["encoder.tokens"])
+    expected_encoder = {"deformable_detr": ["encoder.tokens", "encoder.p3", "encoder.p4", "encoder.p5", "encoder.p6"],
+                        "rt_detr": ["encoder.p3", "encoder.p4", "encoder.p5"], "rt_detr_v2": ["encoder.p3", "encoder.p4", "encoder.p5"]}
+    assert encoder == expected_encoder.get(arch, ["encoder.tokens"])
+    for name in encoder:
+        if name != "encoder.tokens":
+            assert taps[name].kind == "map" and taps[name].stride == taps[name.replace("encoder", "neck")].stride
+
+
+def test_deformable_encoder_level_maps_are_its_output_sequence_cut_by_level() -> None:
+    import copy
+
+    from detdistill.taps import FeatureTaps
+
+    model = tiny("deformable_detr").eval()
+    taps = ADAPTER.taps(model)
+    levels = {n: taps[n] for n in ("encoder.tokens", "encoder.p3", "encoder.p4", "encoder.p5", "encoder.p6")}
+    images = two_images().images
+    with FeatureTaps(model, levels) as rec, torch.no_grad():
+        ADAPTER.forward_features(model, images, need_head=False)
+        tokens = rec.get("encoder.tokens")
+        maps = [rec.get(f"encoder.p{k}") for k in (3, 4, 5, 6)]
+    assert tokens.shape[1] == sum(m.shape[-2] * m.shape[-1] for m in maps)
+    start = 0
+    for m in maps:  # map[n, :, y, x] is token start + y * W + x
+        n, d, h, w = m.shape
+        assert torch.equal(m, tokens[:, start:start + h * w].transpose(1, 2).reshape(n, d, h, w))
+        start += h * w
+    # a copy (the EMA) keeps its own level points, and the state dict is the plain model's
+    twin = copy.deepcopy(model)
+    assert twin.model.encoder.detdistill_levels is not model.model.encoder.detdistill_levels
+    assert not any("detdistill_levels" in k for k in model.state_dict())
 
 
 @pytest.mark.parametrize("arch", ["deformable_detr", "rt_detr", "detr"])

@@ -121,6 +121,8 @@ class TransformersAdapter:
                 load_weights(model, cfg.weights)
         # what predict() applies (transformers' post-processing takes them per call)
         model.detdistill_postprocess = {"score_thresh": cfg.score_thresh, "max_det": cfg.detections_per_img}
+        if cfg.arch == "deformable_detr":
+            _expose_encoder_levels(model)
         return model
 
     # ---- inputs -----------------------------------------------------------------
@@ -156,9 +158,10 @@ class TransformersAdapter:
     # ---- taps -------------------------------------------------------------------
     def taps(self, model: nn.Module) -> dict[str, TapInfo]:
         """``backbone.stage1..4`` (ResNet stages), ``neck.pK`` (the input projections the encoder
-        reads, named by stride 2^K like the CNNs' FPN levels), ``encoder.pK`` (RT-DETR: its
-        hybrid encoder's output maps as the decoder projects them), ``encoder.tokens`` (the
-        other DETRs' encoder output, ``(N, L, D)``) and ``decoder.layerI`` (each decoder layer's
+        reads, named by stride 2^K like the CNNs' FPN levels), ``encoder.pK`` (the encoder's
+        output maps per level: RT-DETR's as its decoder projects them, Deformable DETR's
+        sequence cut back into levels), ``encoder.tokens`` (the non-RT-DETR encoders' output,
+        ``(N, L, D)``) and ``decoder.layerI`` (each decoder layer's
         query states, ``(N, Q, D)``; in RT-DETR training these include its denoising queries)."""
         bare = unwrap(model)
         names: list[tuple[str, str, str | int | None]] = []
@@ -171,6 +174,9 @@ class TransformersAdapter:
                 names.append((f"encoder.p{stride.bit_length() - 1}", f"model.decoder_input_proj.{i}", None))
         else:
             names.append(("encoder.tokens", "model.encoder", 0))
+        if hasattr(bare.model.encoder, "detdistill_levels"):
+            for i, stride in enumerate(_strides(bare)):
+                names.append((f"encoder.p{stride.bit_length() - 1}", f"model.encoder.detdistill_levels.{i}", None))
         for i in range(len(bare.model.decoder.layers)):
             names.append((f"decoder.layer{i}", f"model.decoder.layers.{i}", None))
         shapes = probe_tap_shapes(self, bare, {tap: (module, key) for tap, module, key in names})
@@ -301,6 +307,44 @@ class TransformersAdapter:
             meta["category_ids"] = list(category_ids)
         (out_dir / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
         return out_dir / "model.safetensors"
+
+
+class _LevelMap(nn.Module):
+    """Identity: the point where one level of the encoder's output passes as an ``(N, D, H, W)``
+    map, so that it can be tapped like any module (it holds no weights)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def _expose_encoder_levels(model: nn.Module) -> None:
+    """Give Deformable DETR's encoder per-level output maps (taps ``encoder.pK``).
+
+    Its encoder returns one flattened ``(N, sum_l H_l W_l, D)`` sequence; the level shapes are
+    in its ``spatial_shapes_list`` argument. The encoder's class is swapped for a subclass whose
+    forward also passes each level, reshaped, through a :class:`_LevelMap` (only while one is
+    hooked). A subclass, not a patched instance method, so copies (the EMA) stay correct; the
+    state dict and ``save_pretrained`` are unchanged.
+    """
+    encoder = model.model.encoder
+    base = type(encoder)
+
+    class EncoderWithLevelMaps(base):  # type: ignore[misc, valid-type]
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().forward(*args, **kwargs)
+            shapes = kwargs.get("spatial_shapes_list")
+            if shapes is not None and any(level._forward_hooks for level in self.detdistill_levels):
+                tokens = out[0]
+                start = 0
+                for level, (h, w) in zip(self.detdistill_levels, shapes):
+                    h, w = int(h), int(w)
+                    level(tokens[:, start:start + h * w].transpose(1, 2).reshape(tokens.shape[0], -1, h, w))
+                    start += h * w
+            return out
+
+    EncoderWithLevelMaps.__qualname__ = EncoderWithLevelMaps.__name__ = base.__name__
+    encoder.__class__ = EncoderWithLevelMaps
+    encoder.detdistill_levels = nn.ModuleList(_LevelMap() for _ in range(model.config.num_feature_levels))
 
 
 #: Architectures whose decoder can run an extra query group (queries + reference points in, per-layer
