@@ -9,6 +9,17 @@ from typing import Any
 from torch import nn
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then back in the mode it was in (train or eval)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside DistributedDataParallel / DataParallel wrappers.
 

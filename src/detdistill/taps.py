@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from .modules import unwrap
+from .modules import eval_mode, unwrap
 
 TapKind = Literal["map", "tokens"]
 
@@ -85,14 +85,12 @@ def probe_tap_shapes(adapter: _ForwardFeatures, model: nn.Module, taps: dict[str
             if shape is not None:
                 found[name] = shape
         handles.append(bare.get_submodule(module).register_forward_hook(hook))
-    was_training = bare.training
-    bare.eval()
     try:
-        param = next(bare.parameters(), None)
-        adapter.forward_features(bare, [torch.zeros(3, size, size, device=param.device if param is not None else None)],
-                                 need_head=False)
+        with eval_mode(bare):
+            param = next(bare.parameters(), None)
+            adapter.forward_features(bare, [torch.zeros(3, size, size, device=param.device if param is not None else None)],
+                                     need_head=False)
     finally:
-        bare.train(was_training)
         for h in handles:
             h.remove()
     return found

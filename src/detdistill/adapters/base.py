@@ -12,14 +12,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
-from ..modules import unwrap
+from ..modules import eval_mode, unwrap
 from ..registry import Registry
 from ..structures import Batch, Detections, RawOutputs
 from ..taps import TapInfo
 
-__all__ = ["ADAPTERS", "DetectorAdapter", "get_adapter", "unwrap", "no_extra_inputs", "no_options"]
+__all__ = ["ADAPTERS", "DetectorAdapter", "get_adapter", "unwrap", "no_extra_inputs", "no_options", "probe_raw_outputs"]
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -132,3 +133,13 @@ def no_options(adapter: str, cfg: "ModelConfig") -> None:
     if cfg.options:
         raise ValueError(f"model.options {sorted(cfg.options)}: the {adapter} adapter takes no options "
                          "(model.options holds framework-specific settings, e.g. of transformers DETRs)")
+
+
+@torch.no_grad()
+def probe_raw_outputs(adapter: DetectorAdapter, model: nn.Module, size: int = 256) -> RawOutputs:
+    """``model``'s raw head outputs on one blank ``size`` x ``size`` image, in eval mode: what a
+    method checks at build time (logit layouts, whether a side is a DETR) before any data loads."""
+    bare = unwrap(model)
+    with eval_mode(bare):
+        param = next(bare.parameters())
+        return adapter.forward_features(bare, [torch.zeros(3, size, size, device=param.device)], need_head=True)

@@ -36,7 +36,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from ..config import ModelConfig
 from ..models import pafpn
 from ..models import torchvision_detectors as tvd
-from ..modules import unwrap
+from ..modules import eval_mode, unwrap
 from ..structures import Batch, Detections, RawOutputs, TwoStageOutputs
 from ..taps import TapInfo, probe_tap_shapes
 from .base import ADAPTERS, no_extra_inputs, no_options
@@ -241,12 +241,8 @@ class TorchvisionAdapter:
     @torch.no_grad()
     def predict(self, model: nn.Module, images: list[Tensor]) -> list[Detections]:
         bare = unwrap(model)
-        was_training = bare.training
-        bare.eval()
-        try:
+        with eval_mode(bare):
             outs = bare(images)
-        finally:
-            bare.train(was_training)
         shift = 1 if isinstance(bare, FasterRCNN) else 0
         return [Detections(o["boxes"].float(), o["scores"].float(), o["labels"].long() - shift) for o in outs]
 

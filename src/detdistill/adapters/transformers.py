@@ -32,10 +32,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import box_convert
 
 from ..config import ModelConfig
 from ..models import hf_detr
-from ..modules import unwrap
+from ..modules import eval_mode, unwrap
 from ..structures import Batch, Detections, QueryGroup, RawOutputs
 from ..taps import TapInfo, probe_tap_shapes
 from .base import ADAPTERS
@@ -149,10 +150,8 @@ class TransformersAdapter:
     def _labels(self, model: nn.Module, batch: Batch, input_size: tuple[int, int]) -> list[dict[str, Tensor]]:
         out = []
         for (fh, fw), t in zip(_frame(model, batch.images, input_size), batch.targets):
-            b = t.boxes
-            scale = b.new_tensor([fw, fh, fw, fh])
-            cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1)
-            out.append({"class_labels": t.labels, "boxes": (cxcywh / scale).clamp(0, 1)})
+            cxcywh = box_convert(t.boxes, "xyxy", "cxcywh") / t.boxes.new_tensor([fw, fh, fw, fh])
+            out.append({"class_labels": t.labels, "boxes": cxcywh.clamp(0, 1)})
         return out
 
     # ---- taps -------------------------------------------------------------------
@@ -260,13 +259,9 @@ class TransformersAdapter:
     def predict(self, model: nn.Module, images: list[Tensor]) -> list[Detections]:
         """transformers' own post-processing (``post_process_object_detection``) of the outputs."""
         bare = unwrap(model)
-        was_training = bare.training
-        bare.eval()
-        try:
+        with eval_mode(bare):
             pixels, mask = self._inputs(bare, images)
             out = bare(pixel_values=pixels, pixel_mask=mask)
-        finally:
-            bare.train(was_training)
         arch = _arch_of(bare)
         frame = _frame(bare, images, (int(pixels.shape[-2]), int(pixels.shape[-1])))
         settings = getattr(bare, "detdistill_postprocess", {"score_thresh": 0.05, "max_det": 100})

@@ -96,7 +96,7 @@ _undo_import_patches()
 
 from ..config import ModelConfig  # noqa: E402
 from ..models import ultralytics_loader  # noqa: E402
-from ..modules import unwrap  # noqa: E402
+from ..modules import eval_mode, unwrap  # noqa: E402
 from ..structures import Batch, Detections, RawOutputs  # noqa: E402
 from ..taps import TapInfo, probe_tap_shapes  # noqa: E402
 from .base import ADAPTERS, no_extra_inputs, no_options  # noqa: E402
@@ -510,13 +510,9 @@ class UltralyticsAdapter:
         bare = unwrap(model)
         detect = _detect(bare)
         post = getattr(bare, "detdistill_postprocess", {"score_thresh": 0.05, "nms_thresh": 0.6, "max_det": 100})
-        was_training = bare.training
-        bare.eval()
-        try:
+        with eval_mode(bare):
             x, (h, w) = _stack(images, _max_stride(bare))
             out = bare(x)
-        finally:
-            bare.train(was_training)
         decoded = out[0] if isinstance(out, (tuple, list)) else out  # (N, 4 + C, A), xywh pixels
         results = []
         for i, im in enumerate(images):

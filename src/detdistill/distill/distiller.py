@@ -183,7 +183,7 @@ class Distiller(nn.Module):
             if self.run_teacher and not self.teacher_first:
                 ctx.teacher_raw = self.teacher_forward(batch)
             # 3. each method, 4. weighted into the total
-            task = sum(v.detach() for v in losses.values())
+            task = sum(v.detach() for v in losses.values()) if self._normalized else None
             for label, term in self.terms.items():
                 w: float | Tensor = self.weight(term, step)
                 parts = self.methods[self._key(label)](ctx)

@@ -56,9 +56,9 @@ def match_to_teacher(s_logits: Tensor, s_boxes: Tensor, t_logits: Tensor, t_boxe
     """
     t_prob = t_logits.float().sigmoid()
     if mode == "soft":
-        bce = torch.stack([F.binary_cross_entropy_with_logits(
-            s_logits.float(), t_prob[k].expand_as(s_logits), reduction="none").sum(-1) for k in range(len(t_prob))], 1) \
-            if len(t_prob) else s_logits.new_zeros((len(s_logits), 0))
+        # summed BCE(z_q, p_k) over classes for every pair: sum_c softplus(z_qc) - z_qc p_kc
+        z = s_logits.float()
+        bce = F.softplus(z).sum(-1, keepdim=True) - z @ t_prob.T
         cost = class_cost * bce + box_cost(s_boxes, t_boxes, l1_cost, giou_cost)
         empty = torch.zeros(0, dtype=torch.int64)
         return hungarian(cost), (empty, empty)

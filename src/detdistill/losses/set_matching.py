@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+from torchvision import ops
 from torchvision.ops import box_convert, generalized_box_iou
 
 __all__ = ["focal_class_cost", "box_cost", "hungarian", "sigmoid_focal_loss", "box_losses"]
@@ -67,16 +68,12 @@ def hungarian(cost: Tensor, allowed_rows: Tensor | None = None) -> tuple[Tensor,
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    r"""Summed sigmoid focal loss (Lin et al., 2017) of ``logits`` against (soft) ``targets``, same shape.
+    r"""Summed sigmoid focal loss (Lin et al., 2017) of ``logits`` against (soft) ``targets``, same shape:
+    ``torchvision.ops.sigmoid_focal_loss`` in float32.
 
     .. math:: \sum -\alpha_t (1 - p_t)^\gamma \log p_t
     """
-    logits, targets = logits.float(), targets.float()
-    p = logits.sigmoid()
-    ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    a_t = alpha * targets + (1 - alpha) * (1 - targets)
-    return (a_t * (1 - p_t) ** gamma * ce).sum()
+    return ops.sigmoid_focal_loss(logits.float(), targets.float(), alpha=alpha, gamma=gamma, reduction="sum")
 
 
 def box_losses(boxes: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

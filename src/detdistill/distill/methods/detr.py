@@ -12,18 +12,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import box_convert
 
-from ...adapters.base import DetectorAdapter
+from ...adapters.base import probe_raw_outputs
 from ...config import DistillTermConfig
 from ...losses.hungarian_logits import HungarianLogitLoss
 from ...losses.target_aware import query_quality, target_aware_loss, target_aware_mask
-from ...modules import unwrap
 from ...structures import RawOutputs
-from ..connectors import Connector
 from ..method import BuildContext, DistillMethod, Needs, StepContext, register_method
-from .feature import connector_key
+from .feature import connector_key, map_connectors
 
 
 def layer_mapping(student_layers: int, teacher_layers: int) -> list[int]:
@@ -38,19 +36,6 @@ def layer_mapping(student_layers: int, teacher_layers: int) -> list[int]:
     if student_layers == 1:
         return [teacher_layers - 1]
     return [round(j * (teacher_layers - 1) / (student_layers - 1)) for j in range(student_layers)]
-
-
-@torch.no_grad()
-def probe_detr_outputs(adapter: DetectorAdapter, model: nn.Module, size: int = 128) -> RawOutputs:
-    """Raw head outputs of ``model`` on one blank ``size`` x ``size`` image (eval mode)."""
-    bare = unwrap(model)
-    was_training = bare.training
-    bare.eval()
-    try:
-        param = next(bare.parameters())
-        return adapter.forward_features(bare, [torch.zeros(3, size, size, device=param.device)], need_head=True)
-    finally:
-        bare.train(was_training)
 
 
 def _require_detr(raw: RawOutputs, label: str, role: str, method: str) -> None:
@@ -99,8 +84,8 @@ class DetrLogits(DistillMethod):
         self.label = ctx.label
         self.loss_fn = HungarianLogitLoss(**params)
         assert ctx.teacher is not None and ctx.teacher_adapter is not None
-        s = probe_detr_outputs(ctx.student_adapter, ctx.student)
-        t = probe_detr_outputs(ctx.teacher_adapter, ctx.teacher)
+        s = probe_raw_outputs(ctx.student_adapter, ctx.student, 128)
+        t = probe_raw_outputs(ctx.teacher_adapter, ctx.teacher, 128)
         _require_detr(s, ctx.label, "student", self.name)
         _require_detr(t, ctx.label, "teacher", self.name)
         if s.layer_logits[-1].shape[-1] != t.layer_logits[-1].shape[-1]:
@@ -152,21 +137,15 @@ class DetrTargetAwareFeature(DistillMethod):
         self.label, self.top_k, self.clamp_min = ctx.label, top_k, clamp_min
         self.pairs = [tuple(p) for p in ctx.term.pairs]
         assert ctx.teacher is not None and ctx.teacher_adapter is not None
-        t = probe_detr_outputs(ctx.teacher_adapter, ctx.teacher)
+        t = probe_raw_outputs(ctx.teacher_adapter, ctx.teacher, 128)
         _require_detr(t, ctx.label, "teacher", self.name)
         width = t.queries.shape[-1]
-        self.connectors = nn.ModuleDict()
-        for s_tap, t_tap in self.pairs:
-            si, ti = ctx.student_taps[s_tap], ctx.teacher_taps[t_tap]
-            for info, role in ((si, "student"), (ti, "teacher")):
-                if info.kind != "map":
-                    raise ValueError(f"distill term {ctx.label!r}: {role} tap {info.name!r} is a token sequence; "
-                                     f"{self.name} compares (N, C, H, W) maps")
-            if ti.channels != width:
-                raise ValueError(f"distill term {ctx.label!r}: teacher tap {t_tap!r} has {ti.channels} channels but the "
-                                 f"teacher's queries {width}; the mask compares queries with d_model-wide maps "
-                                 "(the input projections neck.pK or RT-DETR's encoder.pK)")
-            self.connectors[connector_key(s_tap, t_tap)] = Connector(si.channels, ti.channels, mode=ctx.term.connector)
+        self.connectors = map_connectors(ctx, self.name)
+        for _, t_tap in self.pairs:
+            if ctx.teacher_taps[t_tap].channels != width:
+                raise ValueError(f"distill term {ctx.label!r}: teacher tap {t_tap!r} has {ctx.teacher_taps[t_tap].channels} "
+                                 f"channels but the teacher's queries {width}; the mask compares queries with "
+                                 "d_model-wide maps (the input projections neck.pK, or encoder.pK)")
         self.teacher_input_scale = ctx.teacher_input_scale
 
     @torch.no_grad()

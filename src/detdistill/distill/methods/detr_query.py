@@ -31,11 +31,12 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
+from ...adapters.base import probe_raw_outputs
 from ...config import DistillTermConfig
 from ...losses.set_matching import box_cost, box_losses, focal_class_cost, hungarian, sigmoid_focal_loss
 from ...structures import QueryGroup
 from ..method import BuildContext, DistillMethod, Needs, StepContext, register_method
-from .detr import probe_detr_outputs, teacher_boxes_in_student_frame
+from .detr import teacher_boxes_in_student_frame
 
 
 def _normalised_gt(boxes_xyxy: Tensor, frame: tuple[int, int]) -> Tensor:
@@ -71,8 +72,8 @@ class DetrQueryPrior(DistillMethod):
         self.focal = (focal_alpha, focal_gamma)
         self.teacher_input_scale = ctx.teacher_input_scale
         assert ctx.teacher is not None and ctx.teacher_adapter is not None
-        s = probe_detr_outputs(ctx.student_adapter, ctx.student)
-        t = probe_detr_outputs(ctx.teacher_adapter, ctx.teacher)
+        s = probe_raw_outputs(ctx.student_adapter, ctx.student, 128)
+        t = probe_raw_outputs(ctx.teacher_adapter, ctx.teacher, 128)
         for raw, role in ((s, "student"), (t, "teacher")):
             if raw.decoder_queries is None:
                 raise ValueError(f"distill term {ctx.label!r} ({self.name}): the {role} has no decoder that takes a "

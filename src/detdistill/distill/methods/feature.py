@@ -31,6 +31,20 @@ def connector_key(student_tap: str, teacher_tap: str) -> str:
     return f"{student_tap}|{teacher_tap}".replace(".", "_")
 
 
+def map_connectors(ctx: BuildContext, method: str) -> nn.ModuleDict:
+    """One :class:`Connector` per ``[student tap, teacher tap]`` pair of ``ctx.term``, keyed by
+    :func:`connector_key`; a token-sequence tap on either side is an error naming it."""
+    connectors = nn.ModuleDict()
+    for s, t in ctx.term.pairs:
+        si, ti = ctx.student_taps[s], ctx.teacher_taps[t]
+        for info, role in ((si, "student"), (ti, "teacher")):
+            if info.kind != "map":
+                raise ValueError(f"distill term {ctx.label!r}: {role} tap {info.name!r} is a {info.kind} sequence; "
+                                 f"{method} compares (N, C, H, W) maps")
+        connectors[connector_key(s, t)] = Connector(si.channels, ti.channels, mode=ctx.term.connector)
+    return connectors
+
+
 class FeatureImitation(DistillMethod):
     """Base of the map-to-map methods: ``loss`` is the loss module, built from the term's ``params``."""
 
@@ -51,14 +65,7 @@ class FeatureImitation(DistillMethod):
         super().__init__()
         self.pairs = [tuple(p) for p in ctx.term.pairs]
         self.loss_fn = self.loss(**params)
-        self.connectors = nn.ModuleDict()
-        for s, t in self.pairs:
-            si, ti = ctx.student_taps[s], ctx.teacher_taps[t]
-            for info, role in ((si, "student"), (ti, "teacher")):
-                if info.kind != "map":
-                    raise ValueError(f"distill term {ctx.label!r}: {role} tap {info.name!r} is a {info.kind} sequence; "
-                                     f"{self.name} compares (N, C, H, W) maps")
-            self.connectors[connector_key(s, t)] = Connector(si.channels, ti.channels, mode=ctx.term.connector)
+        self.connectors = map_connectors(ctx, self.name)
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:  # type: ignore[override]
         assert ctx.teacher_taps is not None

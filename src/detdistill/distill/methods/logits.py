@@ -5,27 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from ...adapters.base import DetectorAdapter
+from ...adapters.base import DetectorAdapter, probe_raw_outputs
 from ...config import DistillTermConfig
-from ...modules import unwrap
 from ...losses.kl import KLLogitLoss
 from ..method import BuildContext, DistillMethod, Needs, StepContext, register_method
 
 
-@torch.no_grad()
 def _logit_layout(adapter: DetectorAdapter, model: nn.Module, size: int) -> tuple[int, ...] | None:
     """``(A, C)`` of the dense class logits on a blank ``size`` x ``size`` image (eval mode)."""
-    bare = unwrap(model)
-    was_training = bare.training
-    bare.eval()
-    try:
-        param = next(bare.parameters())
-        raw = adapter.forward_features(bare, [torch.zeros(3, size, size, device=param.device)], need_head=True)
-    finally:
-        bare.train(was_training)
+    raw = probe_raw_outputs(adapter, model, size)
     return tuple(raw.cls_logits.shape[1:]) if raw.cls_logits is not None else None
 
 
