@@ -105,7 +105,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         cfg = ModelConfig(framework=args.framework, arch=args.model, backbone=args.backbone, **given)
         adapter = get_adapter(args.framework)
         model = adapter.build(cfg, args.num_classes)
-        width = f", FPN {cfg.fpn_channels}" if args.framework != "transformers" else ""
+        width = f", FPN {args.fpn_channels}" if args.fpn_channels is not None else ""
         print(f"tappable layers of {args.framework}/{args.model} ({args.backbone}{width}):")
         for info in adapter.taps(model).values():
             print(f"  {info.name:<20} module={info.module:<34} key={info.key!s:<5} channels={info.channels:<5} "
