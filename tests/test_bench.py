@@ -73,8 +73,11 @@ def test_bench_runs_reports_and_resumes(tiny_config, tiny_config_yaml, tmp_path,
     report = (out / "results.md").read_text()
     assert "Teacher AP" in report and "Paired verdict on AP" in report and "fewer than 3 paired seeds" in report
     assert "Per-seed AP gain over `alone`" in report
+    # The loss-balance section reads every finished run's training log.
+    assert "Loss balance" in report and "| l2 | 2 |" in report and "| alone | 2 |" in report
     saved = json.loads((out / "results.json").read_text())
     assert saved["seeds"] == [0, 1] and saved["paired"]["l2"]["n"] == 2 and saved["paired"]["l2"]["verdict"] == "no claim"
+    assert set(saved["findings"]) == {"l2"}  # diagnosed: it does not beat the baseline; the baseline is not
     # The distilled runs really distilled: their config carries the teacher and the term.
     run_cfg = yaml.safe_load((out / "l2" / "seed1" / "bench_config.yaml").read_text())
     assert run_cfg["teacher"]["checkpoint"].endswith("last.pt") and run_cfg["distill"][0]["method"] == "l2"

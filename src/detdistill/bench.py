@@ -36,6 +36,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ConfigError, DistillTermConfig, TeacherConfig, load_config
+from .report.loss_balance import LossBalance, diagnose, loss_balance
+from .report.metrics_log import read_metrics
 from .report.paired import PairedResult, paired_verdict
 from .report.plots import plot_bars, plot_paired
 from .report.tables import aggregate_seeds, format_metrics_table, markdown_table
@@ -158,12 +160,20 @@ def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] 
             raise RuntimeError(f"run {method.name} seed {seed} failed (exit {rc}); see {run_dir / 'train.log'}")
     rows = []
     per_seed: dict[str, dict[int, dict[str, float]]] = {}
+    balances: dict[str, dict[int, LossBalance]] = {}
     for method in spec.methods:
         found = {s: m for s in sorted(set(spec.seeds) | set(run_seeds)) if (m := _collect(out / method.name / f"seed{s}"))}
         if found:
             per_seed[method.name] = found
             rows.append({"name": method.name, "n": len(found), **aggregate_seeds(list(found.values()))})
-    return write_report(spec, out, rows, _teacher_metrics(spec, out), sorted(set(spec.seeds) | set(run_seeds)), per_seed)
+            balances[method.name] = {s: b for s in found if (b := _balance(out / method.name / f"seed{s}")) is not None}
+    return write_report(spec, out, rows, _teacher_metrics(spec, out), sorted(set(spec.seeds) | set(run_seeds)), per_seed,
+                        balances)
+
+
+def _balance(run_dir: Path) -> LossBalance | None:
+    log = run_dir / "metrics.jsonl"
+    return loss_balance(read_metrics(log)) if log.is_file() else None
 
 
 def verdicts(per_seed: dict[str, dict[int, dict[str, float]]], baseline: str, metric: str = "AP") -> dict[str, PairedResult]:
@@ -175,7 +185,8 @@ def verdicts(per_seed: dict[str, dict[int, dict[str, float]]], baseline: str, me
 
 
 def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher: dict[str, float] | None,
-                 seeds: list[int], per_seed: dict[str, dict[int, dict[str, float]]] | None = None) -> list[dict[str, Any]]:
+                 seeds: list[int], per_seed: dict[str, dict[int, dict[str, float]]] | None = None,
+                 balances: dict[str, dict[int, LossBalance]] | None = None) -> list[dict[str, Any]]:
     extra = [spec.primary_metric] if spec.primary_metric not in METRICS else []
     cols = ["name", "n"] + METRICS + extra + ["s_per_step", "peak_mem_mb"]
     lines = [f"# Benchmark {spec.name}", "", f"Student config: `{spec.student_config}`; seeds {seeds}; "
@@ -203,15 +214,54 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
         lines += ["", f"Per-seed {pm} gain over `{spec.baseline}`:", "", markdown_table(gain_rows, gain_cols)]
         plot_paired({n: {s: m.get(pm, math.nan) for s, m in runs.items()} for n, runs in per_seed.items()},
                     spec.baseline, pm, out / "paired.png", f"{spec.name}: {pm} per seed, {spec.baseline} -> method")
+    findings = _balance_section(spec, balances or {}, paired, lines)
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(
         {"rows": rows, "teacher": teacher, "seeds": seeds,
+         "findings": findings,
          "paired": {n: {**{k: getattr(v, k) for k in ("n", "mean_gain", "std_gain", "wins", "losses", "t", "p_greater",
                                                        "p_less", "verdict")}, "gains": v.gains} for n, v in paired.items()}},
         indent=2, default=str))
     plot_bars(rows, ["AP", "AP50", "AP75", "APs", "APm"] + extra, out / "bars.png", f"{spec.name}: mean ± std over {len(seeds)} seeds")
     print(format_metrics_table(rows, cols, title=f"{spec.name} (mean ± std over seeds {seeds})"))
-    print("\n".join(ln for ln in lines if ln.startswith(("Teacher", "WARNING", "Paired verdict", "- "))))
+    print("\n".join(ln for ln in lines if ln.startswith(("Teacher", "WARNING", "Paired verdict", "- ", "Why "))))
     print(f"report: {out / 'results.md'}, plots: {out / 'bars.png'}" + (f", {out / 'paired.png'}" if paired else ""))
     return rows
+
+
+def _balance_section(spec: BenchSpec, balances: dict[str, dict[int, LossBalance]], paired: dict[str, PairedResult],
+                     lines: list[str]) -> dict[str, list[str]]:
+    """Append the loss-balance table and, for every method that does not beat the baseline, what
+    its loss balance shows (:mod:`detdistill.report.loss_balance`); returns those findings."""
+    if not balances:
+        return {}
+    base = balances.get(spec.baseline, {})
+    rows = []
+    for name, by_seed in balances.items():
+        if not by_seed:
+            continue
+        runs = list(by_seed.values())
+        task_end = sum(b.task_end for b in runs) / len(runs)
+        common = sorted(set(by_seed) & set(base))  # the detection-loss change is paired by seed
+        change = (100 * (sum(by_seed[s].task_end for s in common) / sum(base[s].task_end for s in common) - 1)
+                  if common and name != spec.baseline else None)
+        pct = [100 * sum(b.share_start for b in runs) / len(runs), 100 * sum(b.share_end for b in runs) / len(runs)]
+        rows.append({"name": name, "n": len(runs),
+                     "KD share at start %": f"{pct[0]:.2g}", "KD share at end %": f"{pct[1]:.2g}",
+                     "final detection loss": f"{task_end:.3f}",
+                     "detection loss vs baseline %": "—" if change is None else f"{change:+.1f}"})
+    lines += ["", "Loss balance (training logs; weighted KD terms as the optimiser saw them, start = the first "
+              "10 % of logged steps once a term is non-zero, end = the last 10 %):", "",
+              markdown_table(rows, ["name", "n", "KD share at start %", "KD share at end %", "final detection loss",
+                                    "detection loss vs baseline %"])]
+    findings: dict[str, list[str]] = {}
+    for name, by_seed in balances.items():
+        verdict = paired.get(name)
+        if name == spec.baseline or (verdict is not None and verdict.verdict == "beats"):
+            continue
+        found = diagnose(by_seed, base)
+        findings[name] = found
+        if found:
+            lines.append(f"Why `{name}` may not help: " + "; ".join(found) + ".")
+    return findings

@@ -1,0 +1,128 @@
+"""Loss balance: how much of a run's training loss the distillation terms were, and what they did
+to the detection loss, read back from ``metrics.jsonl``.
+
+A KD method that does not beat the student alone usually fails in one of three visible ways:
+
+- its terms are a negligible part of the loss (the weight is far too small for these features);
+- its terms swamp the detection loss from the moment they start (the weight is far too large);
+- the student ends with a clearly higher detection loss than the student alone on the same
+  crops (the terms pull against the task).
+
+:func:`loss_balance` measures one run; :func:`diagnose` compares a method's runs with the
+baseline's and says which of these it sees. The figures are the *weighted* terms, as added
+to the loss (``loss/kd/...`` in the log), so a term's share is what the optimiser saw.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from statistics import fmean
+
+__all__ = ["LossBalance", "loss_balance", "diagnose", "WEAK_SHARE", "DOMINANT_SHARE", "TASK_RISE"]
+
+_KD_PREFIX = "loss/kd/"
+WEAK_SHARE = 0.01  # KD terms below 1 % of the loss cannot move the student much
+DOMINANT_SHARE = 0.5  # KD terms above half of the loss when they start outweigh the task
+TASK_RISE = 0.10  # a final detection loss 10 % above the student alone's
+
+
+@dataclass(frozen=True)
+class LossBalance:
+    """One run's loss make-up over its first and last windows of *active* KD steps.
+
+    ``task_*`` are the detection loss (every ``loss/<part>`` that is not ``loss/kd/...``);
+    ``kd_*`` map each weighted KD part to its mean over the window. The start window begins at
+    the first logged step where any KD part is non-zero, so a warm-up does not read as "weak".
+    A run without KD terms (the baseline) has empty ``kd_*``.
+    """
+
+    steps: int
+    task_start: float
+    task_end: float
+    kd_start: dict[str, float]
+    kd_end: dict[str, float]
+
+    @property
+    def share_start(self) -> float:
+        """Fraction of the total loss that was KD when the terms started."""
+        return _share(self.task_start, self.kd_start)
+
+    @property
+    def share_end(self) -> float:
+        """Fraction of the total loss that was KD over the last window."""
+        return _share(self.task_end, self.kd_end)
+
+
+def _share(task: float, kd: Mapping[str, float]) -> float:
+    total = task + sum(kd.values())
+    return sum(kd.values()) / total if total > 0 else math.nan
+
+
+def _task(rec: Mapping[str, object]) -> float:
+    return sum(float(v) for k, v in rec.items()  # type: ignore[arg-type]
+               if k.startswith("loss/") and not k.startswith(_KD_PREFIX) and isinstance(v, (int, float)))
+
+
+def _kd(rec: Mapping[str, object]) -> dict[str, float]:
+    return {k[len(_KD_PREFIX):]: float(v) for k, v in rec.items()  # type: ignore[arg-type]
+            if k.startswith(_KD_PREFIX) and isinstance(v, (int, float))}
+
+
+def _window_means(records: Sequence[Mapping[str, object]]) -> tuple[float, dict[str, float]]:
+    kd_keys = sorted({k for r in records for k in _kd(r)})
+    return (fmean(_task(r) for r in records),
+            {k: fmean(_kd(r).get(k, 0.0) for r in records) for k in kd_keys})
+
+
+def loss_balance(records: Sequence[Mapping[str, object]], window: float = 0.1) -> LossBalance | None:
+    """The loss make-up of one run from its ``read_metrics`` records (``None`` without train records).
+
+    ``window`` is the fraction of the logged train records (at least one) averaged at each end.
+    """
+    if not 0 < window <= 0.5:
+        raise ValueError(f"window is a fraction in (0, 0.5], got {window}")
+    train = sorted((r for r in records if r.get("split") == "train"), key=lambda r: int(r["step"]))  # type: ignore[arg-type]
+    if not train:
+        return None
+    active = [r for r in train if any(v != 0 for v in _kd(r).values())]
+    first = active or train  # the baseline (or a run whose terms never started): its own start
+    k_first = max(1, round(len(first) * window))
+    k_last = max(1, round(len(train) * window))
+    task_start, kd_start = _window_means(first[:k_first])
+    task_end, kd_end = _window_means(train[-k_last:])
+    return LossBalance(steps=int(train[-1]["step"]), task_start=task_start, task_end=task_end,  # type: ignore[arg-type]
+                       kd_start=kd_start, kd_end=kd_end)
+
+
+def diagnose(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalance]) -> list[str]:
+    """What the loss balance of a method's runs says, against the baseline's (``{seed: balance}``).
+
+    Shares are means over the method's seeds; the detection-loss comparison uses the seeds both
+    ran (the same crops). Returns plain sentences (empty when nothing stands out); every finding
+    names its figure and the threshold it crossed: :data:`WEAK_SHARE`, :data:`DOMINANT_SHARE`,
+    :data:`TASK_RISE`.
+    """
+    if not method:
+        return []
+    runs = list(method.values())
+    if not any(b.kd_end or b.kd_start for b in runs):
+        return ["no KD term was logged: the run distilled nothing"]
+    found = []
+    start = fmean(b.share_start for b in runs)
+    end = fmean(b.share_end for b in runs)
+    if max(start, end) < WEAK_SHARE:
+        found.append(f"the KD terms are {100 * max(start, end):.2g} % of the loss (under {100 * WEAK_SHARE:.0f} %): "
+                     "too weak to change the student; raise the weight or set `normalize: true`")
+    if start > DOMINANT_SHARE:
+        found.append(f"the KD terms are {100 * start:.0f} % of the loss when they start (over "
+                     f"{100 * DOMINANT_SHARE:.0f} %): they outweigh the detection loss; lower the weight, add a "
+                     "`warmup_steps` ramp or set `normalize: true`")
+    common = sorted(set(method) & set(baseline))
+    if common:
+        rise = fmean(method[s].task_end for s in common) / fmean(baseline[s].task_end for s in common) - 1
+        if rise > TASK_RISE:
+            found.append(f"the student's final detection loss is {100 * rise:+.0f} % against the student alone's "
+                         f"on the same crops ({len(common)} paired seeds): the KD terms pull against the task")
+    return found

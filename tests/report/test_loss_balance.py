@@ -1,0 +1,85 @@
+"""Loss balance read back from training logs: shares against a hand computation, the warm-up
+window, and each diagnosis on synthetic logs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from detdistill.report.loss_balance import LossBalance, diagnose, loss_balance
+from detdistill.report.metrics_log import MetricsLogger, read_metrics
+
+
+def _log(task: list[float], kd: list[float] | None = None, start: int = 0) -> list[dict]:
+    """Train records every 10 steps: two task parts summing to ``task[i]``, one KD part from ``start`` on."""
+    recs = []
+    for i, t in enumerate(task):
+        step = 10 * (i + 1)
+        rec = {"step": step, "split": "train", "loss/classification": 0.25 * t, "loss/bbox_regression": 0.75 * t,
+               "loss": t, "lr": 0.01, "grad_norm": 3.0}
+        if kd is not None:
+            rec["loss/kd/pkd"] = kd[i] if step > start else 0.0
+            rec["loss"] = t + rec["loss/kd/pkd"]
+        recs.append(rec)
+    recs.append({"step": 10 * len(task), "split": "eval", "AP": 5.0})  # eval records are ignored
+    return recs
+
+
+def test_shares_match_a_hand_computation():
+    task = [float(v) for v in range(20, 0, -1)]  # 20 records; window 0.1 -> 2 at each end
+    kd = [0.5 * t for t in task]
+    b = loss_balance(_log(task, kd))
+    assert b is not None and b.steps == 200
+    assert b.task_start == pytest.approx((20 + 19) / 2) and b.task_end == pytest.approx((2 + 1) / 2)
+    assert b.kd_start == {"pkd": pytest.approx((10 + 9.5) / 2)}
+    assert b.share_start == pytest.approx(1 / 3) and b.share_end == pytest.approx(1 / 3)  # kd / (task + kd)
+
+
+def test_the_start_window_begins_when_a_term_becomes_active():
+    task = [2.0] * 20
+    b = loss_balance(_log(task, [1.0] * 20, start=100))  # zero for the first 10 records (a warm-up)
+    assert b is not None and b.share_start == pytest.approx(1 / 3)
+
+
+def test_a_baseline_has_no_kd_and_a_log_without_train_records_has_no_balance():
+    b = loss_balance(_log([2.0] * 10))
+    assert b is not None and b.kd_start == {} and b.share_start == 0.0
+    assert loss_balance([{"step": 10, "split": "eval", "AP": 1.0}]) is None
+    with pytest.raises(ValueError, match="window"):
+        loss_balance(_log([2.0] * 10), window=0.0)
+
+
+def test_it_reads_a_real_metrics_log(tmp_path):
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        for rec in _log([2.0, 1.0], [0.5, 0.5]):
+            logger.log(rec["step"], rec["split"], {k: v for k, v in rec.items() if k not in ("step", "split")})
+    b = loss_balance(read_metrics(tmp_path))
+    assert b is not None and b.share_end == pytest.approx(0.5 / 1.5)
+
+
+def _bal(task_end: float, share: float) -> LossBalance:
+    def kd(task: float) -> dict[str, float]:
+        return {"t": share * task / (1 - share)} if share else {}
+    return LossBalance(steps=400, task_start=2 * task_end, task_end=task_end, kd_start=kd(2 * task_end), kd_end=kd(task_end))
+
+
+def test_diagnose_names_each_failure_and_its_figure():
+    base = {0: _bal(1.0, 0.0), 1: _bal(1.2, 0.0)}
+    weak = diagnose({0: _bal(1.0, 0.0005), 1: _bal(1.2, 0.0005)}, base)
+    assert len(weak) == 1 and "too weak" in weak[0] and "0.05 %" in weak[0]
+    strong = diagnose({0: _bal(1.0, 0.9), 1: _bal(1.2, 0.9)}, base)
+    assert len(strong) == 1 and "90 % of the loss" in strong[0] and "outweigh" in strong[0]
+    pulls = diagnose({0: _bal(1.3, 0.2), 1: _bal(1.56, 0.2)}, base)
+    assert len(pulls) == 1 and "+30 %" in pulls[0] and "2 paired seeds" in pulls[0]
+    assert diagnose({0: _bal(1.05, 0.2), 1: _bal(1.2, 0.2)}, base) == []  # balanced: nothing to say
+    assert diagnose({0: _bal(1.0, 0.0)}, base) == ["no KD term was logged: the run distilled nothing"]
+    assert diagnose({}, base) == []
+
+
+def test_the_detection_loss_comparison_is_paired_by_seed():
+    # Seed 2 only ran for the method: with a baseline that has it not, it must not count.
+    base = {0: _bal(1.0, 0.0), 1: _bal(1.0, 0.0)}
+    method = {0: _bal(1.0, 0.2), 1: _bal(1.0, 0.2), 2: _bal(5.0, 0.2)}
+    assert diagnose(method, base) == []
+    assert math.isnan(LossBalance(1, 0.0, 0.0, {}, {}).share_end)
