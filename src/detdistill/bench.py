@@ -30,13 +30,14 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ConfigError, DistillTermConfig, TeacherConfig, load_config
-from .report.loss_balance import LossBalance, diagnose, loss_balance
+from .report.loss_balance import LossBalance, detection_loss_change, diagnose, loss_balance
 from .report.metrics_log import read_metrics
 from .report.paired import PairedResult, paired_verdict
 from .report.plots import plot_bars, plot_paired
@@ -242,15 +243,12 @@ def _balance_section(spec: BenchSpec, balances: dict[str, dict[int, LossBalance]
         if not by_seed:
             continue
         runs = list(by_seed.values())
-        task_end = sum(b.task_end for b in runs) / len(runs)
-        common = sorted(set(by_seed) & set(base))  # the detection-loss change is paired by seed
-        change = (100 * (sum(by_seed[s].task_end for s in common) / sum(base[s].task_end for s in common) - 1)
-                  if common and name != spec.baseline else None)
-        pct = [100 * sum(b.share_start for b in runs) / len(runs), 100 * sum(b.share_end for b in runs) / len(runs)]
+        change = detection_loss_change(by_seed, base) if name != spec.baseline else None
         rows.append({"name": name, "n": len(runs),
-                     "KD share at start %": f"{pct[0]:.2g}", "KD share at end %": f"{pct[1]:.2g}",
-                     "final detection loss": f"{task_end:.3f}",
-                     "detection loss vs baseline %": "—" if change is None else f"{change:+.1f}"})
+                     "KD share at start %": f"{100 * fmean(b.share_start for b in runs):.2g}",
+                     "KD share at end %": f"{100 * fmean(b.share_end for b in runs):.2g}",
+                     "final detection loss": f"{fmean(b.task_end for b in runs):.3f}",
+                     "detection loss vs baseline %": "—" if change is None else f"{100 * change[0]:+.1f}"})
     lines += ["", "Loss balance (training logs; weighted KD terms as the optimiser saw them, start = the first "
               "10 % of logged steps once a term is non-zero, end = the last 10 %):", "",
               markdown_table(rows, ["name", "n", "KD share at start %", "KD share at end %", "final detection loss",

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from detdistill.report.loss_balance import LossBalance, diagnose, loss_balance
+from detdistill.report.loss_balance import LossBalance, detection_loss_change, diagnose, loss_balance
 from detdistill.report.metrics_log import MetricsLogger, read_metrics
 
 
@@ -82,4 +82,6 @@ def test_the_detection_loss_comparison_is_paired_by_seed():
     base = {0: _bal(1.0, 0.0), 1: _bal(1.0, 0.0)}
     method = {0: _bal(1.0, 0.2), 1: _bal(1.0, 0.2), 2: _bal(5.0, 0.2)}
     assert diagnose(method, base) == []
+    assert detection_loss_change(method, base) == (pytest.approx(0.0), 2)
+    assert detection_loss_change(method, {3: _bal(1.0, 0.0)}) is None
     assert math.isnan(LossBalance(1, 0.0, 0.0, {}, {}).share_end)

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import fmean
 
-__all__ = ["LossBalance", "loss_balance", "diagnose", "WEAK_SHARE", "DOMINANT_SHARE", "TASK_RISE"]
+__all__ = ["LossBalance", "loss_balance", "detection_loss_change", "diagnose", "WEAK_SHARE", "DOMINANT_SHARE", "TASK_RISE"]
 
 _KD_PREFIX = "loss/kd/"
 WEAK_SHARE = 0.01  # KD terms below 1 % of the loss cannot move the student much
@@ -96,6 +96,15 @@ def loss_balance(records: Sequence[Mapping[str, object]], window: float = 0.1) -
                        kd_start=kd_start, kd_end=kd_end)
 
 
+def detection_loss_change(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalance]) -> tuple[float, int] | None:
+    """The method's final detection loss relative to the baseline's on the seeds both ran (the same
+    crops): ``(mean_method / mean_baseline - 1, number of seeds)``, or ``None`` without a common seed."""
+    common = sorted(set(method) & set(baseline))
+    if not common:
+        return None
+    return fmean(method[s].task_end for s in common) / fmean(baseline[s].task_end for s in common) - 1, len(common)
+
+
 def diagnose(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalance]) -> list[str]:
     """What the loss balance of a method's runs says, against the baseline's (``{seed: balance}``).
 
@@ -119,10 +128,8 @@ def diagnose(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalan
         found.append(f"the KD terms are {100 * start:.0f} % of the loss when they start (over "
                      f"{100 * DOMINANT_SHARE:.0f} %): they outweigh the detection loss; lower the weight, add a "
                      "`warmup_steps` ramp or set `normalize: true`")
-    common = sorted(set(method) & set(baseline))
-    if common:
-        rise = fmean(method[s].task_end for s in common) / fmean(baseline[s].task_end for s in common) - 1
-        if rise > TASK_RISE:
-            found.append(f"the student's final detection loss is {100 * rise:+.0f} % against the student alone's "
-                         f"on the same crops ({len(common)} paired seeds): the KD terms pull against the task")
+    change = detection_loss_change(method, baseline)
+    if change is not None and change[0] > TASK_RISE:
+        found.append(f"the student's final detection loss is {100 * change[0]:+.0f} % against the student alone's "
+                     f"on the same crops ({change[1]} paired seeds): the KD terms pull against the task")
     return found
