@@ -166,8 +166,8 @@ class DistillTermConfig(_Strict):
     pairs: list[tuple[str, str]] = Field(default_factory=list)
     weight: float | None = Field(None, ge=0.0)  # None: the method's default_weight (`detdistill list`)
     warmup_steps: int = Field(0, ge=0)
-    # Scale the term once, at the first step, to the task loss: weight 1 then starts the term
-    # equal to the detection loss (from-scratch feature magnitudes vary a lot). Fixed after that.
+    # Scale each part of the term once, at its first non-zero step, to the task loss: weight 1 then
+    # starts it equal to the detection loss (from-scratch feature magnitudes vary a lot). Fixed after.
     normalize: bool = False
     connector: Literal["auto", "conv1x1", "conv1x1_bn", "none"] = "auto"
     params: dict[str, Any] = Field(default_factory=dict)

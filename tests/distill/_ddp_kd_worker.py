@@ -43,8 +43,8 @@ def make_batch(rank: int = 0) -> Batch:
 
 
 def setup(rank: int = 0, method: str = "pkd_l2") -> tuple[Any, nn.Module, Distiller, Batch]:
-    """GroupNorm student and teacher (no BatchNorm batch statistics), PKD + L2 terms (or ScaleKD,
-    whose assistant runs the DDP student's head a second time), rank's batch."""
+    """GroupNorm student and teacher (no BatchNorm batch statistics), PKD + L2 terms (or a
+    normalised PKD, or ScaleKD, whose assistant runs the DDP student's head a second time), rank's batch."""
     torch.set_num_threads(1)
     adapter = get_adapter("torchvision")
     torch.manual_seed(0)
@@ -53,6 +53,9 @@ def setup(rank: int = 0, method: str = "pkd_l2") -> tuple[Any, nn.Module, Distil
     teacher = adapter.build(ModelConfig(arch="fcos", fpn_channels=64, head_convs=1, norm="gn"), 3)
     terms = [DistillTermConfig(method="pkd", pairs=[(f"neck.p{lvl}", f"neck.p{lvl}") for lvl in (3, 4, 5)], weight=10.0),
              DistillTermConfig(method="l2", name="l2_p3", pairs=[("neck.p3", "neck.p3")])]
+    if method == "pkd_normalized":  # ranks see different ratios task / term: the factor must be their mean
+        terms = [DistillTermConfig(method="pkd", pairs=[(f"neck.p{lvl}", f"neck.p{lvl}") for lvl in (3, 4, 5)],
+                                   weight=1.0, normalize=True)]
     if method == "scalekd":
         terms = [DistillTermConfig(method="scalekd", pairs=[(f"neck.p{lvl}", f"neck.p{lvl}") for lvl in (3, 4, 5, 6, 7)],
                                    params={"sdf_grad": "student"})]
@@ -92,6 +95,7 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, method: str = 
         result = one_step(model, adapter, distiller, batch, info)
         result["wrapped"] = isinstance(model, nn.parallel.DistributedDataParallel)
         result["student_grads"] = {k: p.grad.detach().clone() for k, p in student.named_parameters() if p.grad is not None}
+        result["kd_scales"] = distiller.state_dict().get("kd_scales")
         if method != "pkd_l2":
             torch.save(result, Path(out_dir) / f"rank{rank}.pt")
             return

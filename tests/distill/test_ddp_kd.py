@@ -103,3 +103,22 @@ def test_scalekd_under_ddp_runs_and_averages(tmp_path):
         for r, res in enumerate(ranks):
             for k in g0:
                 torch.testing.assert_close(res[key][k], (g0[k] + g1[k]) / 2, rtol=1e-4, atol=1e-6, msg=f"rank {r}: {k}")
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_normalize_factor_is_the_mean_over_ranks(tmp_path):
+    """A ``normalize`` term's factor (task loss / term at its first step) differs per batch; under
+    DDP every rank must use the mean over the ranks, or the ranks would weigh KD differently."""
+    _spawn(tmp_path, "pkd_normalized")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    refs = []
+    for r in range(WORLD_SIZE):
+        adapter, student, distiller, batch = worker.setup(r, "pkd_normalized")
+        ref = worker.one_step(student, adapter, distiller, batch, DistInfo())
+        refs.append((float(distiller.kd_scales[0]), ref["values"]))
+    (s0, v0), (s1, v1) = refs
+    assert s0 != pytest.approx(s1, rel=1e-3), "the ranks' own factors do not differ: the test cannot tell"
+    for r, res in enumerate(ranks):
+        assert float(res["kd_scales"][0]) == pytest.approx((s0 + s1) / 2, rel=1e-6), f"rank {r}"
+        own = refs[r][1]["loss/kd/pkd"] / refs[r][0]  # the unweighted term on rank r's batch
+        assert res["values"]["loss/kd/pkd"] == pytest.approx(own * (s0 + s1) / 2, rel=1e-5), f"rank {r}"

@@ -273,6 +273,31 @@ def test_heterogeneous_pairs_distil_across_families(batch, sgd) -> None:
         Distiller(rt, hf, [DistillTermConfig(method="detr_logits")], Teacher(plain, hf))
 
 
+@needs_transformers
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("mode,parts", [("paper", ("cls", "box_pos", "box_neg")), ("soft", ("cls", "box"))])
+def test_logit_parts_follow_the_mode_and_each_is_normalised_on_its_own(mode: str, parts: tuple[str, ...], batch,
+                                                                      sgd) -> None:
+    from detdistill.adapters.base import get_adapter
+    from detdistill.config import DistillTermConfig
+    from detdistill.distill.distiller import Distiller, Teacher
+    from detdistill.engine.train import train_one_step
+
+    hf = get_adapter("transformers")
+    student, teacher = _detr("rt_detr", 2, 0, 32), _detr("rt_detr", 3, 1, 64)
+    term = DistillTermConfig(method="detr_logits", params={"mode": mode}, weight=0.25, normalize=True)
+    distiller = Distiller(student, hf, [term], Teacher(teacher, hf))
+    opt, sched = sgd(list(student.parameters()) + list(distiller.parameters()), lr=1e-3)
+    values = train_one_step(student, hf, batch, 0, optimizer=opt, scheduler=sched, distiller=distiller)
+    kd = {k.removeprefix("loss/kd/detr_logits/"): v for k, v in values.items() if k.startswith("loss/kd/")}
+    task = sum(v for k, v in values.items() if k.startswith("loss/") and not k.startswith("loss/kd/"))
+    assert sorted(kd) == sorted(parts)
+    for part in parts:  # every part that is non-zero starts at weight x the task loss
+        assert kd[part] == 0.0 or kd[part] == pytest.approx(0.25 * task, rel=1e-5), (part, kd[part], task)
+    assert sum(v > 0 for v in kd.values()) >= 2
+    distiller.remove_hooks()
+
+
 # ----------------------------------------------------------------- query-prior assignment
 @needs_transformers
 @pytest.mark.usefixtures("single_thread")

@@ -479,3 +479,13 @@ def test_normalize_scales_a_term_to_the_task_loss_once_and_checkpoints_the_facto
     plain = Distiller(student, adapter, [_term("pkd")], Teacher(teacher, adapter))
     assert "kd_scales" not in plain.state_dict()  # old checkpoints keep loading
     plain.remove_hooks()
+
+
+def test_parts_other_than_the_declared_ones_raise_naming_the_term(adapter, build, batch_maker, sgd):
+    student, teacher = build("fcos"), build("fcos", fpn=64, seed=1)
+    distiller = Distiller(student, adapter, [_term("pkd", name="pkd_fpn")], Teacher(teacher, adapter))
+    distiller.method("pkd_fpn").part_names = ("feat",)  # a method whose forward and declaration disagree
+    opt, sched = sgd(list(student.parameters()) + list(distiller.parameters()))
+    with pytest.raises(RuntimeError, match=r"'pkd_fpn' \(pkd\) returned parts \[''\], but declares part_names \['feat'\]"):
+        train_one_step(student, adapter, batch_maker(seed=0), 0, optimizer=opt, scheduler=sched, distiller=distiller)
+    distiller.remove_hooks()

@@ -60,6 +60,7 @@ class OrderProbe(DistillMethod):
 
     name = "order_probe"
     family = "test"
+    part_names = ("a", "b")
     calls: list[str] = []
 
     @classmethod

@@ -167,6 +167,28 @@ def test_warmup_and_backbone_freeze_schedule(adapter, fcos_pair, batch, sgd):
     distiller.remove_hooks()
 
 
+def test_normalize_scales_each_part_when_it_starts(adapter, fcos_pair, batch, sgd):
+    """``normalize: true`` keeps one factor per part, fixed at the part's first non-zero step: the
+    CSA parts, zero until ``csa_start``, start as large as the task loss then, instead of being
+    scaled by the factor the SDF part measured at step 0 (or by task / 0)."""
+    student, teacher = fcos_pair
+    term = DistillTermConfig(method="scalekd", pairs=PAIRS, params={"csa_start": 1}, weight=0.5, normalize=True)
+    distiller = Distiller(student, adapter, [term], Teacher(teacher, adapter))
+    opt, sched = sgd(list(student.parameters()) + list(distiller.parameters()))
+    task = lambda v: sum(x for k, x in v.items() if k.startswith("loss/") and not k.startswith("loss/kd/"))  # noqa: E731
+    first = train_one_step(student, adapter, batch, 0, optimizer=opt, scheduler=sched, distiller=distiller)
+    assert first["loss/kd/scalekd/feat"] == pytest.approx(0.5 * task(first), rel=1e-5)
+    assert [first[f"loss/kd/scalekd/{k}"] for k in ("cls", "bbox", "csa")] == [0.0, 0.0, 0.0]
+    scales = distiller.kd_scales.clone()  # slots in part_names order: feat, cls, bbox, csa
+    assert torch.isfinite(scales[0]) and torch.isnan(scales[1:]).all(), scales
+    second = train_one_step(student, adapter, batch, 1, optimizer=opt, scheduler=sched, distiller=distiller)
+    for part in ("cls", "bbox", "csa"):
+        assert second[f"loss/kd/scalekd/{part}"] == pytest.approx(0.5 * task(second), rel=1e-5), part
+    assert distiller.kd_scales[0] == scales[0]  # the SDF factor stays the one measured at step 0
+    assert torch.isfinite(distiller.kd_scales).all()
+    distiller.remove_hooks()
+
+
 def test_csa_has_its_own_optimizer_settings(tiny_config_factory=None):
     from detdistill.config import TrainConfig
     from detdistill.engine.optim import build_optimizer

@@ -94,10 +94,13 @@ class Distiller(nn.Module):
         self._student_taps: FeatureTaps | None = None
         self._teacher_taps: FeatureTaps | None = None
         self._bound_student: int | None = None
-        # `normalize: true` terms: task loss / term at the first step, kept (and checkpointed) after
-        self._normalized = [label for label, t in self.terms.items() if t.normalize]
-        if self._normalized:
-            self.register_buffer("kd_scales", torch.full((len(self._normalized),), float("nan")))
+        # `normalize: true` terms: one factor per part, task loss / part at the part's first non-zero
+        # step, kept (and checkpointed) after. Per part, so that a part starting late (ScaleKD's CSA
+        # after `csa_start`) is not scaled by a factor measured on another one.
+        keys = [(label, part) for label, t in self.terms.items() if t.normalize for part in self.method(label).part_names]
+        self._norm_slots = {key: i for i, key in enumerate(keys)}
+        if self._norm_slots:
+            self.register_buffer("kd_scales", torch.full((len(self._norm_slots),), float("nan")))
 
     @staticmethod
     def _key(label: str) -> str:
@@ -122,17 +125,25 @@ class Distiller(nn.Module):
             return w * step / term.warmup_steps
         return w
 
-    def _scale(self, label: str, task: Tensor, term: Tensor) -> Tensor:
-        """The fixed factor of a ``normalize`` term: task loss / unweighted term at its first step,
-        averaged over DDP ranks so every rank scales alike."""
-        i = self._normalized.index(label)
-        if torch.isnan(self.kd_scales[i]):
-            ratio = (task / term.clamp_min(1e-12)).reshape(1).float()
+    def _scales(self, label: str, task: Tensor, parts: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The fixed factors of a ``normalize`` term's parts. Each is set at the first step where the
+        part is non-zero on some rank, to task loss / |part| (averaged over the ranks where it is),
+        so every rank scales alike; a part not started yet gets 0 (it is 0 anyway)."""
+        slots = [self._norm_slots[(label, part)] for part in parts]
+        current = self.kd_scales[slots]
+        unset = torch.isnan(current)
+        if bool(unset.any()):  # the same on every rank: the factors are set on all of them at once
+            values = torch.stack([v.detach().float().reshape(()) for v in parts.values()])
+            fresh = unset & (values != 0)
+            ratio = torch.where(fresh, task.float() / values.abs().clamp_min(1e-12), torch.zeros_like(values))
+            stats = torch.cat([ratio, fresh.float()])
             if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(ratio)
-                ratio /= torch.distributed.get_world_size()
-            self.kd_scales[i] = ratio[0]
-        return self.kd_scales[i]
+                torch.distributed.all_reduce(stats)
+            total, count = stats.chunk(2)
+            measured = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+            self.kd_scales[slots] = torch.where(unset, measured, current)
+            current = self.kd_scales[slots]
+        return {part: torch.nan_to_num(current[i], nan=0.0) for i, part in enumerate(parts)}
 
     def _ensure_taps(self, student: nn.Module) -> tuple[FeatureTaps, FeatureTaps | None]:
         # Hooks are attached lazily and once: attaching per step would cost, and the same
@@ -183,14 +194,18 @@ class Distiller(nn.Module):
             if self.run_teacher and not self.teacher_first:
                 ctx.teacher_raw = self.teacher_forward(batch)
             # 3. each method, 4. weighted into the total
-            task = sum(v.detach() for v in losses.values()) if self._normalized else None
+            task = sum(v.detach() for v in losses.values())
             for label, term in self.terms.items():
-                w: float | Tensor = self.weight(term, step)
-                parts = self.methods[self._key(label)](ctx)
-                if term.normalize:
-                    w = w * self._scale(label, task, sum(v.detach() for v in parts.values()))
+                w = self.weight(term, step)
+                method = self.methods[self._key(label)]
+                parts = method(ctx)
+                if set(parts) != set(method.part_names):
+                    raise RuntimeError(f"distill term {label!r} ({term.method}) returned parts {sorted(parts)}, "
+                                       f"but declares part_names {sorted(method.part_names)}")
+                scales = self._scales(label, task, parts) if term.normalize else {}
                 for part, value in parts.items():
-                    losses[f"kd/{label}/{part}" if part else f"kd/{label}"] = w * value
+                    factor = w * scales[part] if term.normalize else w
+                    losses[f"kd/{label}/{part}" if part else f"kd/{label}"] = factor * value
             return losses
         finally:
             for taps in (s_taps, t_taps):

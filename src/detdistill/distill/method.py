@@ -131,6 +131,10 @@ class DistillMethod(nn.Module):
     #: and tests; the method itself checks when it is built.
     student_requires: ClassVar[str | None] = None
     teacher_requires: ClassVar[str | None] = None
+    #: The keys :meth:`forward` returns (``""``: a single unnamed part). A method whose parts depend
+    #: on its params sets this on the instance in ``__init__``. The Distiller checks every step's
+    #: keys against it and keeps one ``normalize`` factor per part.
+    part_names: tuple[str, ...] = ("",)
 
     @classmethod
     def needs(cls, term: DistillTermConfig) -> Needs:
@@ -172,7 +176,8 @@ class DistillMethod(nn.Module):
         return []
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:  # type: ignore[override]
-        """Unweighted loss parts: ``{"": loss}`` for one term, or ``{"part": loss, ...}``."""
+        """Unweighted loss parts, keyed by :attr:`part_names`: ``{"": loss}`` for one term, or
+        ``{"part": loss, ...}``."""
         raise NotImplementedError
 
 

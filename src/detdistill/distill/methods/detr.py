@@ -83,6 +83,7 @@ class DetrLogits(DistillMethod):
         super().__init__()
         self.label = ctx.label
         self.loss_fn = HungarianLogitLoss(**params)
+        self.part_names = ("cls", "box") if self.loss_fn.kwargs["mode"] == "soft" else ("cls", "box_pos", "box_neg")
         assert ctx.teacher is not None and ctx.teacher_adapter is not None
         s = probe_raw_outputs(ctx.student_adapter, ctx.student, 128)
         t = probe_raw_outputs(ctx.teacher_adapter, ctx.teacher, 128)

@@ -66,6 +66,7 @@ class DetrQueryPrior(DistillMethod):
                  class_weight: float = 1.0, l1_weight: float = 5.0, giou_weight: float = 2.0,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> None:
         super().__init__()
+        self.part_names = ("cls", "box")
         self.label = ctx.label
         self.costs = (class_cost, l1_cost, giou_cost)
         self.weights = (class_weight, l1_weight, giou_weight)

@@ -41,6 +41,7 @@ class MSSD(DistillMethod):
 
     def __init__(self, ctx: BuildContext, **params: Any) -> None:
         super().__init__()
+        self.part_names = ("mssd_self", "mssd_mask")
         self.pairs = [tuple(p) for p in ctx.term.pairs]
         # Each FPN map must match its PAN map; scales may differ in width (YOLO necks double it).
         chans = []

@@ -105,6 +105,7 @@ class ScaleKD(DistillMethod):
         self.label = ctx.label
         self.alpha, self.beta, self.gamma, self.csa_weight = alpha, beta, gamma, csa_weight
         self.use_sdf, self.use_csa = use_sdf, use_csa
+        self.part_names = ("feat",) * use_sdf + ("cls", "bbox", "csa") * use_csa
         self.temperature = temperature
         self.csa_start, self.freeze_backbone_steps = csa_start, freeze_backbone_steps
         self.detach_student_features = detach_student_features
