@@ -133,6 +133,26 @@ def test_resume_is_exact_for_random_models_and_distiller_state(tmp_path, tiny_co
         assert la[step] == lb[step], f"step {step}: {la[step]} vs {lb[step]}"
 
 
+def test_mid_run_evaluation_leaves_training_unchanged(tmp_path, tiny_config):
+    """Evaluating every 2 steps must not change what trains: same weights, average, RNG state and
+    logged losses as the run that never evaluates mid-run. Faster R-CNN draws from the global RNG
+    every training step, so an evaluation that drew a number (or left the model in eval mode, or
+    updated batch-norm statistics) would show. This is what lets a bench drop or add mid-run
+    evaluations without breaking the pairing of its runs by seed."""
+    over = {"train__steps": 4, "model__arch": "fasterrcnn"}
+    cfg_a = tiny_config(root=tmp_path / "A", train__eval_every=2, **over)
+    cfg_b = tiny_config(root=tmp_path / "B", train__eval_every=0, **over)
+    train(cfg_a, resume=False, progress=False, log=lambda _m: None)
+    train(cfg_b, resume=False, progress=False, log=lambda _m: None)
+    assert any(r["split"] == "eval" and r["step"] == 2 for r in read_metrics(cfg_a.run_dir)), "no mid-run evaluation ran"
+    assert not any(r["split"] == "eval" and r["step"] == 2 for r in read_metrics(cfg_b.run_dir))
+    a = load_checkpoint(cfg_a.run_dir / "checkpoints" / "last.pt")
+    b = load_checkpoint(cfg_b.run_dir / "checkpoints" / "last.pt")
+    for key in ("model", "ema", "optimizer", "rng"):
+        _assert_same_tree(a[key], b[key], key)
+    assert _train_records(cfg_a.run_dir) == _train_records(cfg_b.run_dir)
+
+
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt" / "last.pt"
     save_checkpoint(path, {"step": 1, "w": torch.arange(4.0)})
