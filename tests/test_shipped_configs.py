@@ -45,3 +45,12 @@ def test_bench_spec_validates(path: Path):
     for method in spec.methods:
         for term in method.distill:
             METHODS.get(term.method)  # raises with the valid names on a typo
+
+
+def test_the_scalekd_bench_leaves_the_assistants_own_loss_out_of_the_kd_share():
+    from detdistill.bench import _assistant_parts
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "configs" / "bench_aerial_scalekd.yaml")
+    parts = {m.name: _assistant_parts(m) for m in spec.methods}
+    assert parts["sdf_csa"] == parts["sdf_csa_2x"] == {"scalekd/csa"}
+    assert parts["alone"] == parts["sdf"] == parts["pkd"] == parts["sdf_norm"] == set()

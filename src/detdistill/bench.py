@@ -167,14 +167,25 @@ def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] 
         if found:
             per_seed[method.name] = found
             rows.append({"name": method.name, "n": len(found), **aggregate_seeds(list(found.values()))})
-            balances[method.name] = {s: b for s in found if (b := _balance(out / method.name / f"seed{s}")) is not None}
+            helpers = _assistant_parts(method)
+            balances[method.name] = {s: b for s in found
+                                     if (b := _balance(out / method.name / f"seed{s}", helpers)) is not None}
     return write_report(spec, out, rows, _teacher_metrics(spec, out), sorted(set(spec.seeds) | set(run_seeds)), per_seed,
                         balances)
 
 
-def _balance(run_dir: Path) -> LossBalance | None:
+def _assistant_parts(method: BenchMethod) -> set[str]:
+    """The method's KD parts that train only its own modules (as logged: ``<term>/<part>``)."""
+    if not method.distill:
+        return set()
+    from .distill.methods import METHODS  # torch-heavy: only when a spec has KD terms
+
+    return {f"{t.label}/{p}" for t in method.distill for p in METHODS.get(t.method).assistant_parts(t)}
+
+
+def _balance(run_dir: Path, assistant: set[str]) -> LossBalance | None:
     log = run_dir / "metrics.jsonl"
-    return loss_balance(read_metrics(log)) if log.is_file() else None
+    return loss_balance(read_metrics(log), assistant=assistant) if log.is_file() else None
 
 
 def verdicts(per_seed: dict[str, dict[int, dict[str, float]]], baseline: str, metric: str = "AP") -> dict[str, PairedResult]:
@@ -249,8 +260,11 @@ def _balance_section(spec: BenchSpec, balances: dict[str, dict[int, LossBalance]
                      "KD share at end %": f"{100 * fmean(b.share_end for b in runs):.2g}",
                      "final detection loss": f"{fmean(b.task_end for b in runs):.3f}",
                      "detection loss vs baseline %": "—" if change is None else f"{100 * change[0]:+.1f}"})
+    helpers = sorted({p for m in spec.methods if m.name in balances for p in _assistant_parts(m)})
     lines += ["", "Loss balance (training logs; weighted KD terms as the optimiser saw them, start = the first "
-              "10 % of logged steps once a term is non-zero, end = the last 10 %):", "",
+              "10 % of logged steps once a term is non-zero, end = the last 10 %"
+              + (f"; {', '.join(f'`{p}`' for p in helpers)} trains only the method's own modules, not the "
+                 "student, and is left out" if helpers else "") + "):", "",
               markdown_table(rows, ["name", "n", "KD share at start %", "KD share at end %", "final detection loss",
                                     "detection loss vs baseline %"])]
     findings: dict[str, list[str]] = {}

@@ -126,6 +126,26 @@ def test_parts_train_what_they_should(adapter, fcos_pair, batch):
     distiller.remove_hooks()
 
 
+@pytest.mark.parametrize("detach", [True, False])
+def test_declared_assistant_parts_are_the_ones_that_never_reach_the_student(adapter, fcos_pair, batch, detach):
+    """``assistant_parts`` (what reports leave out of the KD share) must say the truth: the CSA's
+    GT loss reaches no student parameter when it reads detached maps, and does when it does not."""
+    student, teacher = fcos_pair
+    term = _term(detach_student_features=detach)
+    distiller = Distiller(student, adapter, [term], Teacher(teacher, adapter))
+    method_cls = type(distiller.method("scalekd"))
+    student.train()
+    losses = distiller(student, batch, 0)
+    reaches = {}
+    for part in ("feat", "cls", "bbox", "csa"):
+        g = torch.autograd.grad(losses[f"kd/scalekd/{part}"], list(student.parameters()), allow_unused=True,
+                                retain_graph=True)
+        reaches[part] = any(x is not None and bool(x.any()) for x in g)
+    assert method_cls.assistant_parts(term) == tuple(p for p, r in reaches.items() if not r), reaches
+    assert method_cls.assistant_parts(_term(use_csa=False)) == ()
+    distiller.remove_hooks()
+
+
 def test_csa_gt_loss_falls_when_only_the_csa_trains(adapter, fcos_pair, batch):
     """The assistant learns its task: a few Adam steps on L_csa alone lower it."""
     student, teacher = fcos_pair

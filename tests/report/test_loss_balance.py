@@ -42,6 +42,21 @@ def test_the_start_window_begins_when_a_term_becomes_active():
     assert b is not None and b.share_start == pytest.approx(1 / 3)
 
 
+def test_assistant_parts_are_neither_distillation_nor_detection_loss():
+    """ScaleKD-like log: a tiny feature part from step 0, and from step 100 the assistant's own
+    ground-truth loss, as large as the task loss. Left out, the feature part's share is what
+    reaches the student, and the start window stays where that part starts."""
+    recs = _log([2.0] * 20, [0.002] * 20)
+    for r in recs[:-1]:
+        r["loss/kd/scalekd/csa"] = 2.0 if r["step"] > 100 else 0.0
+    counted = loss_balance(recs)
+    assert counted is not None and counted.share_end == pytest.approx(2.002 / 4.002)  # the CSA inflates it
+    b = loss_balance(recs, assistant={"scalekd/csa"})
+    assert b is not None and b.kd_end == {"pkd": pytest.approx(0.002)} and b.task_end == pytest.approx(2.0)
+    assert b.share_start == pytest.approx(0.002 / 2.002) and b.share_end == pytest.approx(0.002 / 2.002)
+    assert any("too weak" in f for f in diagnose({0: b}, {}))
+
+
 def test_a_baseline_has_no_kd_and_a_log_without_train_records_has_no_balance():
     b = loss_balance(_log([2.0] * 10))
     assert b is not None and b.kd_start == {} and b.share_start == 0.0

@@ -161,6 +161,13 @@ class DistillMethod(nn.Module):
             raise ValueError(f"distill term {term.label!r} ({cls.name}): unknown params {unknown}; "
                              f"allowed: {', '.join(allowed) or '(none)'}")
 
+    @classmethod
+    def assistant_parts(cls, term: DistillTermConfig) -> tuple[str, ...]:
+        """Parts of ``term`` whose gradient reaches only the method's own modules, never the student
+        (ScaleKD's assistant on the ground truth). They train like any part; reports keep them out of
+        the distillation's share of the loss, which they would otherwise inflate."""
+        return ()
+
     def student_inputs(self, ctx: StepContext) -> Mapping[str, Any]:
         """Extra training inputs for the student's forward (only with ``Needs.teacher_first``)."""
         return {}

@@ -16,7 +16,7 @@ to the loss (``loss/kd/...`` in the log), so a term's share is what the optimise
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import fmean
 
@@ -65,33 +65,37 @@ def _task(rec: Mapping[str, object]) -> float:
                if k.startswith("loss/") and not k.startswith(_KD_PREFIX) and isinstance(v, (int, float)))
 
 
-def _kd(rec: Mapping[str, object]) -> dict[str, float]:
+def _kd(rec: Mapping[str, object], assistant: Collection[str] = ()) -> dict[str, float]:
     return {k[len(_KD_PREFIX):]: float(v) for k, v in rec.items()  # type: ignore[arg-type]
-            if k.startswith(_KD_PREFIX) and isinstance(v, (int, float))}
+            if k.startswith(_KD_PREFIX) and isinstance(v, (int, float)) and k[len(_KD_PREFIX):] not in assistant}
 
 
-def _window_means(records: Sequence[Mapping[str, object]]) -> tuple[float, dict[str, float]]:
-    kd_keys = sorted({k for r in records for k in _kd(r)})
+def _window_means(records: Sequence[Mapping[str, object]], assistant: Collection[str]) -> tuple[float, dict[str, float]]:
+    kd_keys = sorted({k for r in records for k in _kd(r, assistant)})
     return (fmean(_task(r) for r in records),
-            {k: fmean(_kd(r).get(k, 0.0) for r in records) for k in kd_keys})
+            {k: fmean(_kd(r, assistant).get(k, 0.0) for r in records) for k in kd_keys})
 
 
-def loss_balance(records: Sequence[Mapping[str, object]], window: float = 0.1) -> LossBalance | None:
+def loss_balance(records: Sequence[Mapping[str, object]], window: float = 0.1,
+                 assistant: Collection[str] = ()) -> LossBalance | None:
     """The loss make-up of one run from its ``read_metrics`` records (``None`` without train records).
 
     ``window`` is the fraction of the logged train records (at least one) averaged at each end.
+    ``assistant`` names KD parts as logged under ``loss/kd/`` (``"scalekd/csa"``) that train only
+    a method's own modules (:meth:`~detdistill.distill.method.DistillMethod.assistant_parts`):
+    they are neither distillation acting on the student nor its detection loss, so they are left out.
     """
     if not 0 < window <= 0.5:
         raise ValueError(f"window is a fraction in (0, 0.5], got {window}")
     train = sorted((r for r in records if r.get("split") == "train"), key=lambda r: int(r["step"]))  # type: ignore[arg-type]
     if not train:
         return None
-    active = [r for r in train if any(v != 0 for v in _kd(r).values())]
+    active = [r for r in train if any(v != 0 for v in _kd(r, assistant).values())]
     first = active or train  # the baseline (or a run whose terms never started): its own start
     k_first = max(1, round(len(first) * window))
     k_last = max(1, round(len(train) * window))
-    task_start, kd_start = _window_means(first[:k_first])
-    task_end, kd_end = _window_means(train[-k_last:])
+    task_start, kd_start = _window_means(first[:k_first], assistant)
+    task_end, kd_end = _window_means(train[-k_last:], assistant)
     return LossBalance(steps=int(train[-1]["step"]), task_start=task_start, task_end=task_end,  # type: ignore[arg-type]
                        kd_start=kd_start, kd_end=kd_end)
 

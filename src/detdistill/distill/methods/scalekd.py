@@ -92,6 +92,12 @@ class ScaleKD(DistillMethod):
         return Needs(student_taps=tuple(dict.fromkeys(s_taps)), teacher_taps=tuple(dict.fromkeys(t_taps)),
                      student_head=use_csa)
 
+    @classmethod
+    def assistant_parts(cls, term: DistillTermConfig) -> tuple[str, ...]:
+        # the CSA's ground-truth loss reads detached student maps through the frozen head
+        detached = term.params.get("detach_student_features", True)
+        return ("csa",) if term.params.get("use_csa", True) and detached else ()
+
     def __init__(self, ctx: BuildContext, alpha: float = 0.01, beta: float = 0.2, gamma: float = 0.05,
                  csa_weight: float = 1.0, use_sdf: bool = True, use_csa: bool = True,
                  sdf_taps: Sequence[str] = _SDF_TAPS, sdf_hidden: int = 64, sdf_embed_dim: int = 256, sdf_grid: int = 4,
