@@ -38,19 +38,28 @@ def _spawn(tmp_path: Path, method: str = "pkd_l2") -> None:
                 p.join(5)
 
 
+def _ranks_and_references(tmp_path: Path, method: str = "pkd_l2") -> tuple[list[dict], list[dict]]:
+    """What each DDP rank wrote, and the same step in one process on that rank's batch (same
+    seeds, bare model): values, connector and student gradients, the ``normalize`` factors."""
+    _spawn(tmp_path, method)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    refs = []
+    for r in range(WORLD_SIZE):
+        adapter, student, distiller, batch = worker.setup(r, method)
+        ref = worker.one_step(student, adapter, distiller, batch, DistInfo())
+        ref["student_grads"] = {k: p.grad.detach().clone() for k, p in student.named_parameters() if p.grad is not None}
+        ref["kd_scales"] = distiller.state_dict().get("kd_scales")
+        refs.append(ref)
+    return ranks, refs
+
+
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_kd_under_ddp_with_different_batches_per_rank(tmp_path):
     """Each rank distils its own batch. Per rank, the KD terms equal a single process on that
     batch; the connectors (outside DDP) end with the *mean* of the per-batch gradients on
     every rank; and a NaN on one rank stops every rank at that step with the term named."""
-    _spawn(tmp_path)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    ranks, refs = _ranks_and_references(tmp_path)
     assert all(r["wrapped"] for r in ranks), "wrap_ddp did not wrap the student"
-
-    refs = []
-    for r in range(WORLD_SIZE):  # same seeds, rank r's batch, bare model, one process
-        adapter, student, distiller, batch = worker.setup(r)
-        refs.append(worker.one_step(student, adapter, distiller, batch, DistInfo()))
 
     for key in worker.KD_KEYS:
         for r, res in enumerate(ranks):
@@ -85,14 +94,7 @@ def test_scalekd_under_ddp_runs_and_averages(tmp_path):
     """ScaleKD's assistant sends maps through the DDP student's head a second time (with its
     weights frozen): DDP must not see a second use of its parameters, and the student's and
     the assistant's gradients must be the mean over the ranks' batches."""
-    _spawn(tmp_path, "scalekd")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
-    refs = []
-    for r in range(WORLD_SIZE):
-        adapter, student, distiller, batch = worker.setup(r, "scalekd")
-        ref = worker.one_step(student, adapter, distiller, batch, DistInfo())
-        ref["student_grads"] = {k: p.grad.detach().clone() for k, p in student.named_parameters() if p.grad is not None}
-        refs.append(ref)
+    ranks, refs = _ranks_and_references(tmp_path, "scalekd")
     for part in ("feat", "cls", "bbox", "csa"):
         for r, res in enumerate(ranks):
             assert res["values"][f"loss/kd/scalekd/{part}"] == pytest.approx(refs[r]["values"][f"loss/kd/scalekd/{part}"],
@@ -109,16 +111,10 @@ def test_scalekd_under_ddp_runs_and_averages(tmp_path):
 def test_normalize_factor_is_the_mean_over_ranks(tmp_path):
     """A ``normalize`` term's factor (task loss / term at its first step) differs per batch; under
     DDP every rank must use the mean over the ranks, or the ranks would weigh KD differently."""
-    _spawn(tmp_path, "pkd_normalized")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
-    refs = []
-    for r in range(WORLD_SIZE):
-        adapter, student, distiller, batch = worker.setup(r, "pkd_normalized")
-        ref = worker.one_step(student, adapter, distiller, batch, DistInfo())
-        refs.append((float(distiller.kd_scales[0]), ref["values"]))
-    (s0, v0), (s1, v1) = refs
+    ranks, refs = _ranks_and_references(tmp_path, "pkd_normalized")
+    s0, s1 = (float(ref["kd_scales"][0]) for ref in refs)
     assert s0 != pytest.approx(s1, rel=1e-3), "the ranks' own factors do not differ: the test cannot tell"
     for r, res in enumerate(ranks):
         assert float(res["kd_scales"][0]) == pytest.approx((s0 + s1) / 2, rel=1e-6), f"rank {r}"
-        own = refs[r][1]["loss/kd/pkd"] / refs[r][0]  # the unweighted term on rank r's batch
+        own = refs[r]["values"]["loss/kd/pkd"] / float(refs[r]["kd_scales"][0])  # the unweighted term on rank r's batch
         assert res["values"]["loss/kd/pkd"] == pytest.approx(own * (s0 + s1) / 2, rel=1e-5), f"rank {r}"
