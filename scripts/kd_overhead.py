@@ -55,7 +55,8 @@ def main() -> None:
     student = copy.deepcopy(plain)
     distiller = Distiller(student, adapter, cfg.distill, teacher)
     opt_p = build_optimizer(cfg.train, list(plain.parameters()))
-    opt_s = build_optimizer(cfg.train, list(student.parameters()) + list(distiller.parameters()))
+    opt_s = build_optimizer(cfg.train, list(student.parameters()) + list(distiller.parameters()),
+                            distiller.optimizer_overrides())  # e.g. ScaleKD's assistant trains with its own Adam
     sch_p, sch_s = build_scheduler(cfg.train, opt_p), build_scheduler(cfg.train, opt_s)
     need_head = distiller.need_teacher_head
     t_plain, t_teacher, t_kd = [], [], []

@@ -209,17 +209,29 @@ def test_normalize_scales_each_part_when_it_starts(adapter, fcos_pair, batch, sg
     distiller.remove_hooks()
 
 
-def test_csa_has_its_own_optimizer_settings(tiny_config_factory=None):
+def test_csa_has_its_own_optimizer(adapter, build):
+    """By default the assistant trains with the paper's Adam (lr 3e-4, wd 1e-4) beside the
+    student's SGD; ``csa_optimizer: null`` puts it in the run's optimiser at ``csa_lr``; an
+    unknown kind is refused naming the term."""
     from detdistill.config import TrainConfig
-    from detdistill.engine.optim import build_optimizer
+    from detdistill.engine.optim import OptimizerChain, build_optimizer
 
-    csa, other = nn.Linear(2, 2), nn.Linear(2, 2)
-    opt = build_optimizer(TrainConfig(lr=0.01, weight_decay=1e-4), list(other.parameters()) + list(csa.parameters()),
-                          [(list(csa.parameters()), {"lr": 3e-4, "weight_decay": 0.0})])
-    groups = {id(p): g for g in opt.param_groups for p in g["params"]}
-    assert all(groups[id(p)]["lr"] == 3e-4 for p in csa.parameters())
-    assert groups[id(other.weight)]["lr"] == 0.01 and groups[id(other.weight)]["weight_decay"] == 1e-4
-    assert sum(len(g["params"]) for g in opt.param_groups) == 4  # each parameter once
+    student, teacher = build("fcos"), build("fcos", fpn=64, seed=1)
+    for params, kinds in (({}, [torch.optim.SGD, torch.optim.Adam]), ({"csa_optimizer": None}, [torch.optim.SGD])):
+        distiller = Distiller(student, adapter, [_term(**params)], Teacher(teacher, adapter))
+        csa = {id(p) for p in distiller.methods["scalekd"].csa.parameters()}
+        opt = build_optimizer(TrainConfig(lr=0.01, weight_decay=1e-4),
+                              list(student.parameters()) + list(distiller.parameters()), distiller.optimizer_overrides())
+        inner = opt.optimizers if isinstance(opt, OptimizerChain) else [opt]
+        assert [type(o) for o in inner] == kinds
+        owner = {id(p): (type(o), g) for o in inner for g in o.param_groups for p in g["params"]}
+        assert all(owner[i][0] is kinds[-1] and owner[i][1]["lr"] == 3e-4 and owner[i][1]["weight_decay"] == 1e-4
+                   for i in csa)
+        assert owner[id(next(student.parameters()))][0] is torch.optim.SGD
+        assert len(owner) == len({id(p) for p in (*student.parameters(), *distiller.parameters()) if p.requires_grad})
+        distiller.remove_hooks()
+    with pytest.raises(ValueError, match=r"'scalekd'.*csa_optimizer is one of .*got 'lion'"):
+        Distiller(student, adapter, [_term(csa_optimizer="lion")], Teacher(teacher, adapter))
 
 
 def test_higher_resolution_teacher_aligns_by_effective_stride(adapter, build, batch):
@@ -335,8 +347,9 @@ def test_end_to_end_run_with_its_own_csa_optimizer_group(tmp_path, tiny_config, 
     result = train(cfg, resume=False, progress=False, log=lambda _m: None)
     assert result.final is not None and result.steps == 3
     state = load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")
-    groups = state["optimizer"]["param_groups"]
-    assert len(groups) == 3 and groups[2]["initial_lr"] == 5e-4  # decay, no-decay, the assistant's
+    sgd, adam = state["optimizer"]["optimizers"]  # the student's SGD (decay, no-decay), the assistant's Adam
+    assert len(sgd["param_groups"]) == 2 and [g["initial_lr"] for g in adam["param_groups"]] == [5e-4]
+    assert adam["state"] and all("exp_avg" in v for v in adam["state"].values())  # it stepped
     assert any(k.startswith("methods.scalekd.csa.") for k in state["distiller"])
     assert not any("scalekd" in k or "csa" in k for k in state["model"])
     assert (cfg.run_dir / "export" / "model.safetensors").is_file()

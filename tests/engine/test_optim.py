@@ -110,3 +110,95 @@ def test_no_clip_applies_the_raw_gradient() -> None:
     assert "grad_norm" not in values
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(before - after, 0.01 * 2 * 5.0 * before)
+
+
+def _two_kinds(lr_other: float = 0.02) -> tuple[nn.Linear, nn.Linear, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    student, assistant = nn.Linear(3, 2), nn.Linear(3, 2)
+    cfg = TrainConfig(steps=20, warmup_steps=4, lr=lr_other, momentum=0.9, weight_decay=1e-4)
+    opt = build_optimizer(cfg, list(student.parameters()) + list(assistant.parameters()),
+                          [(list(assistant.parameters()), {"optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4})])
+    return student, assistant, opt
+
+
+def _quadratic_step(opt: torch.optim.Optimizer, modules: list[nn.Module]) -> None:
+    opt.zero_grad()
+    sum(((m.weight - 1.0) ** 2).sum() + (m.bias ** 2).sum() for m in modules).backward()
+    opt.step()
+
+
+def test_an_override_of_another_kind_trains_with_that_optimizer() -> None:
+    """A group marked ``optimizer: adam`` under an SGD run is stepped by Adam: the weights equal
+    those of separately built torch SGD and Adam optimizers on copies of the same modules,
+    with the same schedule applied to both."""
+    from detdistill.engine.optim import OptimizerChain
+
+    student, assistant, opt = _two_kinds()
+    assert isinstance(opt, OptimizerChain)
+    assert [type(o) for o in opt.optimizers] == [torch.optim.SGD, torch.optim.Adam]
+    sched = build_scheduler(TrainConfig(steps=20, warmup_steps=4, lr=0.02), opt)
+    ref_s, ref_a = nn.Linear(3, 2), nn.Linear(3, 2)
+    ref_s.load_state_dict(student.state_dict())
+    ref_a.load_state_dict(assistant.state_dict())
+    sgd = torch.optim.SGD([{"params": [ref_s.weight], "weight_decay": 1e-4}, {"params": [ref_s.bias], "weight_decay": 0.0}],
+                          lr=0.02, momentum=0.9)
+    adam = torch.optim.Adam(ref_a.parameters(), lr=3e-3, weight_decay=1e-4)
+    refs = [torch.optim.lr_scheduler.LambdaLR(o, lambda k: lr_factor(k, TrainConfig(steps=20, warmup_steps=4)))
+            for o in (sgd, adam)]
+    for _ in range(8):
+        _quadratic_step(opt, [student, assistant])
+        sched.step()
+        for o, r in zip((sgd, adam), refs):
+            _quadratic_step(o, [ref_s] if o is sgd else [ref_a])
+            r.step()
+    for mine, ref in ((student, ref_s), (assistant, ref_a)):
+        for p, q in zip(mine.parameters(), ref.parameters()):
+            assert torch.equal(p, q)
+    assert opt.param_groups[-1]["lr"] == pytest.approx(3e-3 * lr_factor(8, TrainConfig(steps=20, warmup_steps=4)))
+
+
+def test_optimizer_chain_resumes_exactly() -> None:
+    """Saved after 3 steps and loaded into a freshly built chain, 3 more steps give the same
+    weights as 6 uninterrupted ones (both optimizers' moments come back, and the scheduler
+    still reaches the reloaded groups)."""
+    cfg = TrainConfig(steps=20, warmup_steps=4, lr=0.02)
+    s1, a1, o1 = _two_kinds()
+    sch1 = build_scheduler(cfg, o1)
+    for _ in range(6):
+        _quadratic_step(o1, [s1, a1])
+        sch1.step()
+    s2, a2, o2 = _two_kinds()
+    sch2 = build_scheduler(cfg, o2)
+    for _ in range(3):
+        _quadratic_step(o2, [s2, a2])
+        sch2.step()
+    saved_opt, saved_sched = o2.state_dict(), sch2.state_dict()
+    saved_w = [p.detach().clone() for p in (*s2.parameters(), *a2.parameters())]
+    s3, a3, o3 = _two_kinds()
+    sch3 = build_scheduler(cfg, o3)
+    with torch.no_grad():
+        for p, w in zip((*s3.parameters(), *a3.parameters()), saved_w):
+            p.copy_(w)
+    o3.load_state_dict(saved_opt)
+    sch3.load_state_dict(saved_sched)
+    for _ in range(3):
+        _quadratic_step(o3, [s3, a3])
+        sch3.step()
+    for p, q in zip((*s1.parameters(), *a1.parameters()), (*s3.parameters(), *a3.parameters())):
+        assert torch.equal(p, q)
+    assert [g["lr"] for g in o3.param_groups] == [g["lr"] for g in o1.param_groups]
+
+
+def test_optimizer_chain_refuses_a_single_optimizer_checkpoint_and_unknown_kinds() -> None:
+    _, _, chain = _two_kinds()
+    single = build_optimizer(TrainConfig(), [nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match=r"holds one optimizer, this run trains with 2 \(SGD, Adam\)"):
+        chain.load_state_dict(single.state_dict())
+    with pytest.raises(ValueError, match=r"optimizer 'lion'.*\['adam', 'adamw', 'sgd'\]"):
+        build_optimizer(TrainConfig(), [nn.Parameter(torch.zeros(2))], [([nn.Parameter(torch.zeros(2))], {"optimizer": "lion"})])
+
+
+def test_an_override_of_the_runs_own_kind_stays_one_optimizer() -> None:
+    p, q = nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(2))
+    opt = build_optimizer(TrainConfig(optimizer="sgd"), [p, q], [([q], {"optimizer": "sgd", "lr": 0.5})])
+    assert type(opt) is torch.optim.SGD and opt.param_groups[-1]["lr"] == 0.5

@@ -94,14 +94,16 @@ def _teacher_checkpoint(tiny_config, root: Path) -> Path:
     return cfg.run_dir / "checkpoints" / "last.pt"
 
 
-@pytest.mark.parametrize("case", ["fasterrcnn", "kd_connector"])
+@pytest.mark.parametrize("case", ["fasterrcnn", "kd_connector", "scalekd_adam_assistant"])
 def test_resume_is_exact_for_random_models_and_distiller_state(tmp_path, tiny_config, case):
     """Interrupted-and-resumed equals uninterrupted where the plain FCOS run cannot tell:
 
     - ``fasterrcnn``: its RPN/ROI box samplers draw from the global torch RNG every step, so
       a resume that does not restore the RNG state gives different weights;
     - ``kd_connector``: an L2 term through a trainable 32->64 connector, whose weights and
-      momentum live in the Distiller (not the model) and must come back on resume.
+      momentum live in the Distiller (not the model) and must come back on resume;
+    - ``scalekd_adam_assistant``: ScaleKD's assistant trains with Adam beside the SGD student
+      (an ``OptimizerChain``): both optimizers' moments must come back.
     """
     over: dict = {"train__steps": STEPS}
     if case == "fasterrcnn":
@@ -110,6 +112,9 @@ def test_resume_is_exact_for_random_models_and_distiller_state(tmp_path, tiny_co
         ckpt = _teacher_checkpoint(tiny_config, tmp_path / "T")
         over["teacher"] = {"checkpoint": str(ckpt)}
         over["distill"] = [{"method": "l2", "pairs": [["neck.p3", "neck.p3"], ["neck.p4", "neck.p4"]]}]
+        if case == "scalekd_adam_assistant":
+            over["distill"] = [{"method": "scalekd", "pairs": [[f"neck.p{i}"] * 2 for i in (3, 4, 5, 6, 7)],
+                                "params": {"csa_start": 1, "freeze_backbone_steps": 2}}]
     cfg_a = tiny_config(root=tmp_path / "A", **over)
     cfg_b = tiny_config(root=tmp_path / "B", **over)
     train(cfg_a, resume=False, progress=False, log=lambda _m: None)
@@ -128,6 +133,10 @@ def test_resume_is_exact_for_random_models_and_distiller_state(tmp_path, tiny_co
         train(fresh, resume=False, progress=False, stop_after=0, log=lambda _m: None)
         c = load_checkpoint(fresh.run_dir / "checkpoints" / "last.pt")
         assert any(not torch.equal(a["distiller"][k], c["distiller"][k]) for k in a["distiller"])
+    if case == "scalekd_adam_assistant":
+        sgd, adam = a["optimizer"]["optimizers"]
+        assert any("momentum_buffer" in s for s in sgd["state"].values())
+        assert adam["state"] and all("exp_avg_sq" in s for s in adam["state"].values())
     la, lb = _train_records(cfg_a.run_dir), _train_records(cfg_b.run_dir)
     for step in (4, 5, 6):
         assert la[step] == lb[step], f"step {step}: {la[step]} vs {lb[step]}"

@@ -30,6 +30,10 @@ Choices where the paper is open (``docs/methods.md`` has the reasons):
   shared by both passes; the region head samples different proposals in each).
 - Schedule: the CSA terms are 0 before ``csa_start`` (the student warms up first), and the
   student backbone is held still for ``freeze_backbone_steps``.
+- The assistant trains with its own optimiser, the paper's Adam (lr 3e-4, wd 1e-4), whatever
+  the student's (``csa_optimizer``; null puts it in the run's optimiser with ``csa_lr``). Under an
+  SGD student an Adam lr in SGD barely moves it. Assistant and student step on the same
+  backward, so the student is distilled toward the assistant of the previous step.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import DistillTermConfig
+from ...engine.optim import OPTIMIZER_KINDS
 from ...losses.box_distill import weighted_box_distill_loss
 from ...losses.feature import l2_feature_loss
 from ...losses.kl import kl_logit_loss
@@ -104,10 +109,14 @@ class ScaleKD(DistillMethod):
                  sdf_grad: str = "student", csa_rates: Sequence[int] = (1, 2, 4, 8),
                  csa_sources: Sequence[str] = ("s", "t", "s"), detach_student_features: bool = True,
                  temperature: float = 1.0, csa_start: int = 0, freeze_backbone_steps: int = 0,
-                 csa_lr: float | None = 3e-4, csa_weight_decay: float | None = 1e-4) -> None:
+                 csa_optimizer: str | None = "adam", csa_lr: float | None = 3e-4,
+                 csa_weight_decay: float | None = 1e-4) -> None:
         super().__init__()
         if sdf_grad not in ("student", "none"):
             raise ValueError(f"distill term {ctx.label!r} (scalekd): sdf_grad is 'student' or 'none', got {sdf_grad!r}")
+        if csa_optimizer not in (None, *OPTIMIZER_KINDS):
+            raise ValueError(f"distill term {ctx.label!r} (scalekd): csa_optimizer is one of {sorted(OPTIMIZER_KINDS)} "
+                             f"or null (the run's optimizer), got {csa_optimizer!r}")
         self.label = ctx.label
         self.alpha, self.beta, self.gamma, self.csa_weight = alpha, beta, gamma, csa_weight
         self.use_sdf, self.use_csa = use_sdf, use_csa
@@ -115,7 +124,7 @@ class ScaleKD(DistillMethod):
         self.temperature = temperature
         self.csa_start, self.freeze_backbone_steps = csa_start, freeze_backbone_steps
         self.detach_student_features = detach_student_features
-        self.csa_lr, self.csa_weight_decay = csa_lr, csa_weight_decay
+        self.csa_optimizer, self.csa_lr, self.csa_weight_decay = csa_optimizer, csa_lr, csa_weight_decay
         self._adapter = ctx.student_adapter
         self._backbone = ctx.student_adapter.backbone_parameters(ctx.student) if freeze_backbone_steps else []
         if use_sdf:
@@ -145,7 +154,8 @@ class ScaleKD(DistillMethod):
         return list(self._backbone) if step < self.freeze_backbone_steps else []
 
     def optimizer_overrides(self) -> list[tuple[list[nn.Parameter], dict[str, Any]]]:
-        settings = {k: v for k, v in (("lr", self.csa_lr), ("weight_decay", self.csa_weight_decay)) if v is not None}
+        settings = {k: v for k, v in (("optimizer", self.csa_optimizer), ("lr", self.csa_lr),
+                                      ("weight_decay", self.csa_weight_decay)) if v is not None}
         return [(list(self.csa.parameters()), settings)] if self.use_csa and settings else []
 
     # ---- the loss -----------------------------------------------------------------
