@@ -176,8 +176,11 @@ def test_warmup_and_backbone_freeze_schedule(adapter, fcos_pair, batch, sgd):
         csa_terms = [values[f"loss/kd/scalekd/{k}"] for k in ("cls", "bbox", "csa")]
         if step < 2:
             assert csa_terms == [0.0, 0.0, 0.0], step
+            assert "diag/scalekd/assistant_det_loss" not in values
         else:
             assert all(v > 0 for v in csa_terms), step
+            # the assistant's raw detection loss is reported (weight and csa_weight are 1 here)
+            assert values["diag/scalekd/assistant_det_loss"] == pytest.approx(values["loss/kd/scalekd/csa"], rel=1e-6)
         assert values["loss/kd/scalekd/feat"] > 0
         moved = any(not torch.equal(a, p) for a, p in zip(before, body))
         assert moved == (step >= 3), f"step {step}: backbone moved={moved}"
@@ -353,3 +356,9 @@ def test_end_to_end_run_with_its_own_csa_optimizer_group(tmp_path, tiny_config, 
     assert any(k.startswith("methods.scalekd.csa.") for k in state["distiller"])
     assert not any("scalekd" in k or "csa" in k for k in state["model"])
     assert (cfg.run_dir / "export" / "model.safetensors").is_file()
+    from detdistill.report.metrics_log import read_metrics
+    logged = [r for r in read_metrics(cfg.run_dir) if r["split"] == "train"]
+    # from csa_start (step index 1, logged as step 2) on; a diagnostic, not a loss term:
+    assert [r["step"] for r in logged if "diag/scalekd/assistant_det_loss" in r] == [2, 3]
+    assert all(r["diag/scalekd/assistant_det_loss"] > 0 for r in logged[1:])
+    assert all(r["loss"] == pytest.approx(sum(v for k, v in r.items() if k.startswith("loss/")), rel=1e-5) for r in logged)

@@ -100,3 +100,26 @@ def test_the_detection_loss_comparison_is_paired_by_seed():
     assert detection_loss_change(method, base) == (pytest.approx(0.0), 2)
     assert detection_loss_change(method, {3: _bal(1.0, 0.0)}) is None
     assert math.isnan(LossBalance(1, 0.0, 0.0, {}, {}).share_end)
+
+
+def test_an_assistant_that_detects_no_better_than_the_student_is_named():
+    """ScaleKD logs its assistant's raw detection loss as ``diag/<term>/assistant_det_loss`` from
+    ``csa_start`` on; the last window's mean is read back, and ``diagnose`` says so when it is not
+    at least ``ASSISTANT_EDGE`` below the student's own detection loss."""
+    from detdistill.report.loss_balance import ASSISTANT_EDGE
+
+    def run(ratio: float) -> LossBalance:
+        recs = _log([2.0] * 20, [0.1] * 20)
+        for r in recs[:-1]:
+            if r["step"] > 100:  # not logged before the assistant starts
+                r["diag/scalekd/assistant_det_loss"] = ratio * 2.0
+        b = loss_balance(recs)
+        assert b is not None
+        return b
+
+    same = run(1.0)
+    assert same.assistant_end == {"scalekd": pytest.approx(2.0)} and same.task_end == pytest.approx(2.0)
+    found = diagnose({0: same, 1: run(0.99)}, {})
+    assert len(found) == 1 and "`scalekd`'s assistant" in found[0] and "-0.5 %" in found[0] and "2 runs" in found[0]
+    assert diagnose({0: run(1 - 2 * ASSISTANT_EDGE)}, {}) == []  # clearly better: nothing to say
+    assert loss_balance(_log([2.0] * 10, [0.1] * 10)).assistant_end == {}  # type: ignore[union-attr]

@@ -94,6 +94,7 @@ class Distiller(nn.Module):
         self._student_taps: FeatureTaps | None = None
         self._teacher_taps: FeatureTaps | None = None
         self._bound_student: int | None = None
+        self.last_diagnostics: dict[str, float] = {}  # the last step's ``diag/<term>/<name>`` values
         # `normalize: true` terms: one factor per part, task loss / part at the part's first non-zero
         # step, kept (and checkpointed) after. Per part, so that a part starting late (ScaleKD's CSA
         # after `csa_start`) is not scaled by a factor measured on another one.
@@ -195,10 +196,13 @@ class Distiller(nn.Module):
                 ctx.teacher_raw = self.teacher_forward(batch)
             # 3. each method, 4. weighted into the total
             task = sum(v.detach() for v in losses.values())
+            self.last_diagnostics = {}
             for label, term in self.terms.items():
                 w = self.weight(term, step)
                 method = self.methods[self._key(label)]
+                ctx.diagnostics = {}
                 parts = method(ctx)
+                self.last_diagnostics.update({f"diag/{label}/{k}": float(v) for k, v in ctx.diagnostics.items()})
                 if set(parts) != set(method.part_names):
                     raise RuntimeError(f"distill term {label!r} ({term.method}) returned parts {sorted(parts)}, "
                                        f"but declares part_names {sorted(method.part_names)}")

@@ -98,6 +98,8 @@ class StepContext:
         student_raw: the student's raw outputs (geometry always; head outputs if needed);
             ``None`` while :meth:`DistillMethod.student_inputs` runs (the student has not run yet).
         teacher_raw: the teacher's raw outputs, or ``None`` when the teacher did not run.
+        diagnostics: scalars a method reports about itself in this step, never part of the
+            loss (e.g. ScaleKD's ``assistant_det_loss``); logged as ``diag/<term>/<name>``.
     """
 
     step: int
@@ -107,6 +109,7 @@ class StepContext:
     teacher_taps: FeatureTaps | None = None
     student_raw: RawOutputs | None = None
     teacher_raw: RawOutputs | None = None
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
 
 class DistillMethod(nn.Module):

@@ -98,6 +98,8 @@ def train_one_step(model: nn.Module, adapter: DetectorAdapter, batch: Batch, ste
     scheduler.step()
     values["loss"] = float(total.detach())
     values["lr"] = optimizer.param_groups[0]["lr"]
+    if distiller is not None:
+        values.update(distiller.last_diagnostics)
     return values
 
 

@@ -6,7 +6,10 @@ A KD method that does not beat the student alone usually fails in one of three v
 - its terms are a negligible part of the loss (the weight is far too small for these features);
 - its terms swamp the detection loss from the moment they start (the weight is far too large);
 - the student ends with a clearly higher detection loss than the student alone on the same
-  crops (the terms pull against the task).
+  crops (the terms pull against the task);
+- a method that distils toward its own assistant (ScaleKD's CSA) has an assistant that detects
+  no better than the student (its ``diag/<term>/assistant_det_loss`` is not below the student's
+  detection loss), so there is nothing to distil.
 
 :func:`loss_balance` measures one run; :func:`diagnose` compares a method's runs with the
 baseline's and says which of these it sees. The figures are the *weighted* terms, as added
@@ -17,15 +20,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import fmean
 
-__all__ = ["LossBalance", "loss_balance", "detection_loss_change", "diagnose", "WEAK_SHARE", "DOMINANT_SHARE", "TASK_RISE"]
+__all__ = ["LossBalance", "loss_balance", "detection_loss_change", "diagnose", "WEAK_SHARE", "DOMINANT_SHARE", "TASK_RISE",
+           "ASSISTANT_EDGE"]
 
 _KD_PREFIX = "loss/kd/"
 WEAK_SHARE = 0.01  # KD terms below 1 % of the loss cannot move the student much
 DOMINANT_SHARE = 0.5  # KD terms above half of the loss when they start outweigh the task
 TASK_RISE = 0.10  # a final detection loss 10 % above the student alone's
+ASSISTANT_EDGE = 0.02  # an assistant must end at least 2 % below the student's detection loss to teach it
+_ASSISTANT_SUFFIX = "/assistant_det_loss"
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,8 @@ class LossBalance:
     ``task_*`` are the detection loss (every ``loss/<part>`` that is not ``loss/kd/...``);
     ``kd_*`` map each weighted KD part to its mean over the window. The start window begins at
     the first logged step where any KD part is non-zero, so a warm-up does not read as "weak".
-    A run without KD terms (the baseline) has empty ``kd_*``.
+    A run without KD terms (the baseline) has empty ``kd_*``. ``assistant_end`` maps each term
+    that logs ``diag/<term>/assistant_det_loss`` to its mean over the last window (raw, unweighted).
     """
 
     steps: int
@@ -43,6 +50,7 @@ class LossBalance:
     task_end: float
     kd_start: dict[str, float]
     kd_end: dict[str, float]
+    assistant_end: dict[str, float] = field(default_factory=dict)
 
     @property
     def share_start(self) -> float:
@@ -96,8 +104,12 @@ def loss_balance(records: Sequence[Mapping[str, object]], window: float = 0.1,
     k_last = max(1, round(len(train) * window))
     task_start, kd_start = _window_means(first[:k_first], assistant)
     task_end, kd_end = _window_means(train[-k_last:], assistant)
+    last = train[-k_last:]
+    helpers = sorted({k for r in last for k in r if k.startswith("diag/") and k.endswith(_ASSISTANT_SUFFIX)})
+    assistant_end = {k[len("diag/"):-len(_ASSISTANT_SUFFIX)]: fmean(float(r[k]) for r in last if k in r)  # type: ignore[arg-type]
+                     for k in helpers}
     return LossBalance(steps=int(train[-1]["step"]), task_start=task_start, task_end=task_end,  # type: ignore[arg-type]
-                       kd_start=kd_start, kd_end=kd_end)
+                       kd_start=kd_start, kd_end=kd_end, assistant_end=assistant_end)
 
 
 def detection_loss_change(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalance]) -> tuple[float, int] | None:
@@ -115,7 +127,7 @@ def diagnose(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalan
     Shares are means over the method's seeds; the detection-loss comparison uses the seeds both
     ran (the same crops). Returns plain sentences (empty when nothing stands out); every finding
     names its figure and the threshold it crossed: :data:`WEAK_SHARE`, :data:`DOMINANT_SHARE`,
-    :data:`TASK_RISE`.
+    :data:`TASK_RISE`, :data:`ASSISTANT_EDGE`.
     """
     if not method:
         return []
@@ -136,4 +148,11 @@ def diagnose(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalan
     if change is not None and change[0] > TASK_RISE:
         found.append(f"the student's final detection loss is {100 * change[0]:+.0f} % against the student alone's "
                      f"on the same crops ({change[1]} paired seeds): the KD terms pull against the task")
+    for term in sorted({t for b in runs for t in b.assistant_end}):
+        with_it = [b for b in runs if term in b.assistant_end]
+        ratio = fmean(b.assistant_end[term] / b.task_end for b in with_it)
+        if ratio > 1 - ASSISTANT_EDGE:
+            found.append(f"`{term}`'s assistant ends with a detection loss {100 * (ratio - 1):+.1f} % against the "
+                         f"student's own (mean of {len(with_it)} runs; it must be {100 * ASSISTANT_EDGE:.0f} % "
+                         "lower to teach): it detects no better than the student, so there is little to distil")
     return found

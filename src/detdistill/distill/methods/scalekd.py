@@ -192,6 +192,9 @@ class ScaleKD(DistillMethod):
         with frozen_pass(student):
             assistant = self._adapter.head(student, refined, ctx.student_raw, batch)
             csa_loss = sum(self._adapter.head_loss(student, assistant, batch).values())
+        # Read against the student's own detection loss: an assistant that detects no better than
+        # the student has nothing to teach it (the bench's loss balance says so).
+        ctx.diagnostics["assistant_det_loss"] = float(csa_loss.detach())
         mine = ctx.student_raw  # the student's own outputs, from its training forward
         if mine.cls_logits is None:  # two-stage: the RPN is the dense part both passes share
             s_logits, s_boxes = _rpn(mine)
