@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,16 @@ def test_nan_loss_stops_with_step_and_term_and_keeps_last_good_checkpoint(tmp_pa
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not list(last.parent.glob("*.tmp"))
     assert not (cfg.run_dir / "final_metrics.json").exists()
+
+
+def test_an_optimizer_state_of_another_shape_is_refused_naming_the_checkpoint(tmp_path, tiny_config):
+    """A checkpoint whose optimizer state has another layout (here a two-optimizer chain's, as
+    ScaleKD writes now, where the run has one SGD) is refused with its path, not a KeyError."""
+    cfg = tiny_config(root=tmp_path, train__steps=2)
+    train(cfg, resume=False, progress=False, stop_after=1, log=lambda _m: None)
+    path = cfg.run_dir / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    state["optimizer"] = {"optimizers": [state["optimizer"], state["optimizer"]]}
+    save_checkpoint(path, state)
+    with pytest.raises(ValueError, match=rf"the checkpoint {re.escape(str(path))} holds optimizer state that does not fit.*--fresh"):
+        train(cfg, resume=True, progress=False, log=lambda _m: None)

@@ -202,7 +202,12 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
         unwrap(model).load_state_dict(state["model"])
         if distiller is not None and state.get("distiller"):
             distiller.load_state_dict(state["distiller"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:  # e.g. written before a method's modules got their own optimizer
+            raise ValueError(f"the checkpoint {ckpt_path} holds optimizer state that does not fit this run's "
+                             f"optimizer ({err}); it was written by another detdistill version or configuration. "
+                             "Run with --fresh to start over, or set another output_dir") from None
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
