@@ -10,6 +10,7 @@ from torch import nn
 
 from detdistill.config import DistillTermConfig
 from detdistill.distill.distiller import Distiller, Teacher
+from detdistill.distill.methods.scalekd import csa_residual_stats
 from detdistill.distill.scalekd_modules import CrossScaleAssistant, MultiScaleCrossAttention, ScaleDecoupledFeatures
 from detdistill.engine.train import train_one_step
 from detdistill.modules import frozen_pass
@@ -68,6 +69,25 @@ def test_csa_sources_are_configurable_and_validated() -> None:
     assert out[0].shape == (1, 8, 6, 6)
     with pytest.raises(ValueError, match="three of 's'"):
         CrossScaleAssistant([8], [12], sources=("s", "x", "s"))
+
+
+def test_csa_residual_stats_against_hand_computed_values() -> None:
+    torch.manual_seed(0)
+    fs = torch.randn(2, 4, 5, 6)
+    same = csa_residual_stats([fs], [fs.clone()])
+    assert same["assistant_residual_ratio"] == 0.0
+    # a residual that is one vector per channel does not vary over positions at all
+    per_channel = torch.randn(1, 4, 1, 1)
+    flat = csa_residual_stats([fs], [fs + per_channel])
+    assert flat["assistant_residual_spatial"] == pytest.approx(0.0, abs=1e-6)
+    assert flat["assistant_residual_ratio"] == pytest.approx(float(per_channel.expand_as(fs).norm() / fs.norm()), rel=1e-5)
+    # a zero-mean checkerboard varies everywhere; two levels are averaged
+    board = (torch.arange(6).view(1, 1, 1, 6) + torch.arange(4).view(1, 1, 4, 1)) % 2 * 2.0 - 1.0
+    fs2 = torch.randn(2, 4, 4, 6)
+    both = csa_residual_stats([fs, fs2], [fs + per_channel, fs2 + 0.5 * board])
+    assert both["assistant_residual_spatial"] == pytest.approx(0.5, abs=1e-6)
+    ratio2 = float((0.5 * board).expand_as(fs2).norm() / fs2.norm())
+    assert both["assistant_residual_ratio"] == pytest.approx((flat["assistant_residual_ratio"] + ratio2) / 2, rel=1e-5)
 
 
 def test_frozen_pass_trains_nothing_and_restores_running_stats() -> None:
@@ -181,6 +201,8 @@ def test_warmup_and_backbone_freeze_schedule(adapter, fcos_pair, batch, sgd):
             assert all(v > 0 for v in csa_terms), step
             # the assistant's raw detection loss is reported (weight and csa_weight are 1 here)
             assert values["diag/scalekd/assistant_det_loss"] == pytest.approx(values["loss/kd/scalekd/csa"], rel=1e-6)
+            assert values["diag/scalekd/assistant_residual_ratio"] > 0
+            assert 0 <= values["diag/scalekd/assistant_residual_spatial"] <= 1
         assert values["loss/kd/scalekd/feat"] > 0
         moved = any(not torch.equal(a, p) for a, p in zip(before, body))
         assert moved == (step >= 3), f"step {step}: backbone moved={moved}"

@@ -123,3 +123,15 @@ def test_an_assistant_that_detects_no_better_than_the_student_is_named():
     assert len(found) == 1 and "`scalekd`'s assistant" in found[0] and "-0.5 %" in found[0] and "2 runs" in found[0]
     assert diagnose({0: run(1 - 2 * ASSISTANT_EDGE)}, {}) == []  # clearly better: nothing to say
     assert loss_balance(_log([2.0] * 10, [0.1] * 10)).assistant_end == {}  # type: ignore[union-attr]
+
+
+def test_the_assistant_finding_says_how_much_the_assistant_changes_the_maps():
+    recs = _log([2.0] * 20, [0.1] * 20)
+    for r in recs:
+        r["diag/scalekd/assistant_det_loss"] = 2.0
+        r["diag/scalekd/assistant_residual_ratio"] = 0.004
+        r["diag/scalekd/assistant_residual_spatial"] = 0.25
+    b = loss_balance(recs)
+    assert b is not None and b.diag_end["scalekd/assistant_residual_ratio"] == pytest.approx(0.004)
+    (found,) = diagnose({0: b}, {})
+    assert found.endswith("differ from the student's by 0.4 % of their norm, 25 % of that change varying over positions")

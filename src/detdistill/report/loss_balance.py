@@ -42,7 +42,8 @@ class LossBalance:
     ``kd_*`` map each weighted KD part to its mean over the window. The start window begins at
     the first logged step where any KD part is non-zero, so a warm-up does not read as "weak".
     A run without KD terms (the baseline) has empty ``kd_*``. ``assistant_end`` maps each term
-    that logs ``diag/<term>/assistant_det_loss`` to its mean over the last window (raw, unweighted).
+    that logs ``diag/<term>/assistant_det_loss`` to its mean over the last window (raw, unweighted);
+    ``diag_end`` maps every logged ``diag/<term>/<name>`` (as ``<term>/<name>``) to the same mean.
     """
 
     steps: int
@@ -51,6 +52,7 @@ class LossBalance:
     kd_start: dict[str, float]
     kd_end: dict[str, float]
     assistant_end: dict[str, float] = field(default_factory=dict)
+    diag_end: dict[str, float] = field(default_factory=dict)
 
     @property
     def share_start(self) -> float:
@@ -105,11 +107,11 @@ def loss_balance(records: Sequence[Mapping[str, object]], window: float = 0.1,
     task_start, kd_start = _window_means(first[:k_first], assistant)
     task_end, kd_end = _window_means(train[-k_last:], assistant)
     last = train[-k_last:]
-    helpers = sorted({k for r in last for k in r if k.startswith("diag/") and k.endswith(_ASSISTANT_SUFFIX)})
-    assistant_end = {k[len("diag/"):-len(_ASSISTANT_SUFFIX)]: fmean(float(r[k]) for r in last if k in r)  # type: ignore[arg-type]
-                     for k in helpers}
+    diags = sorted({k for r in last for k in r if k.startswith("diag/")})
+    diag_end = {k[len("diag/"):]: fmean(float(r[k]) for r in last if k in r) for k in diags}  # type: ignore[arg-type]
+    assistant_end = {k[:-len(_ASSISTANT_SUFFIX)]: v for k, v in diag_end.items() if k.endswith(_ASSISTANT_SUFFIX)}
     return LossBalance(steps=int(train[-1]["step"]), task_start=task_start, task_end=task_end,  # type: ignore[arg-type]
-                       kd_start=kd_start, kd_end=kd_end, assistant_end=assistant_end)
+                       kd_start=kd_start, kd_end=kd_end, assistant_end=assistant_end, diag_end=diag_end)
 
 
 def detection_loss_change(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalance]) -> tuple[float, int] | None:
@@ -154,5 +156,19 @@ def diagnose(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalan
         if ratio > 1 - ASSISTANT_EDGE:
             found.append(f"`{term}`'s assistant ends with a detection loss {100 * (ratio - 1):+.1f} % against the "
                          f"student's own (mean of {len(with_it)} runs; it must be {100 * ASSISTANT_EDGE:.0f} % "
-                         "lower to teach): it detects no better than the student, so there is little to distil")
+                         "lower to teach): it detects no better than the student, so there is little to distil"
+                         + _residual_note(term, with_it))
     return found
+
+
+def _residual_note(term: str, runs: Sequence[LossBalance]) -> str:
+    """Why an assistant may match the student: how much it changes the student's maps, if logged
+    (``diag/<term>/assistant_residual_ratio`` and ``..._spatial``)."""
+    ratio = [b.diag_end[f"{term}/assistant_residual_ratio"] for b in runs if f"{term}/assistant_residual_ratio" in b.diag_end]
+    spatial = [b.diag_end[f"{term}/assistant_residual_spatial"] for b in runs if f"{term}/assistant_residual_spatial" in b.diag_end]
+    if not ratio:
+        return ""
+    note = f"; its maps differ from the student's by {100 * fmean(ratio):.2g} % of their norm"
+    if spatial:
+        note += f", {100 * fmean(spatial):.2g} % of that change varying over positions"
+    return note

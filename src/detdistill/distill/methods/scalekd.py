@@ -195,6 +195,7 @@ class ScaleKD(DistillMethod):
         # Read against the student's own detection loss: an assistant that detects no better than
         # the student has nothing to teach it (the bench's loss balance says so).
         ctx.diagnostics["assistant_det_loss"] = float(csa_loss.detach())
+        ctx.diagnostics.update(csa_residual_stats(s_maps, refined))
         mine = ctx.student_raw  # the student's own outputs, from its training forward
         if mine.cls_logits is None:  # two-stage: the RPN is the dense part both passes share
             s_logits, s_boxes = _rpn(mine)
@@ -209,6 +210,27 @@ class ScaleKD(DistillMethod):
         return {"cls": self.beta * kl_logit_loss(s_logits, a_logits, temperature=self.temperature, mode="sigmoid"),
                 "bbox": self.gamma * weighted_box_distill_loss(s_boxes, a_boxes, confidence),
                 "csa": self.csa_weight * csa_loss}
+
+
+@torch.no_grad()
+def csa_residual_stats(student: Sequence[Tensor], refined: Sequence[Tensor]) -> dict[str, float]:
+    """How much the assistant changes the student's maps, averaged over levels.
+
+    With ``R = refined - F_S`` per level ``(N, C, H, W)``:
+
+    - ``assistant_residual_ratio`` = ``||R|| / ||F_S||``: near 0, the assistant's maps are the
+      student's and its outputs (the distillation targets) are the student's own;
+    - ``assistant_residual_spatial`` = ``||R - mean_HW(R)||^2 / ||R||^2``: the share of the change that
+      varies over positions. Near 0, the change is one vector per channel, which cannot single
+      out small objects and which the head's GroupNorm largely removes.
+    """
+    ratios, spatial = [], []
+    for fs, fr in zip(student, refined):
+        r = (fr - fs).float()
+        ratios.append(float(r.norm() / fs.float().norm().clamp_min(1e-12)))
+        varying = r - r.mean(dim=(-2, -1), keepdim=True)
+        spatial.append(float(varying.pow(2).sum() / r.pow(2).sum().clamp_min(1e-24)))
+    return {"assistant_residual_ratio": sum(ratios) / len(ratios), "assistant_residual_spatial": sum(spatial) / len(spatial)}
 
 
 def _rpn(raw: RawOutputs) -> tuple[Tensor, Tensor]:
