@@ -3,7 +3,8 @@
 Everything here is sized for a loaded 2-core CPU: ResNet-18, FPN width 32, one head conv,
 128 px crops, batch 2, a couple of images.
 
-- ``repo_root`` / ``shared_datasets``: the project root and ``../shared/datasets`` beside it.
+- ``repo_root`` / ``shared_datasets``: the project root and ``../shared/datasets`` beside it
+  (``$DETDISTILL_DATASETS`` overrides the latter; a missing folder fails, never skips).
 - ``tiny_config(**overrides)``: a :class:`~detdistill.config.Config` on a 2-image subset of the
   embedded quickstart sample (YOLO format), writing under ``tmp_path``; ``tiny_config_yaml``
   writes the same config as a YAML file (for the CLI).
@@ -14,6 +15,7 @@ Everything here is sized for a loaded 2-core CPU: ResNet-18, FPN width 32, one h
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +28,7 @@ from detdistill.config import Config, config_from_dict
 from detdistill.quickstart import sample_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+SHARED_DATASETS = Path(os.environ.get("DETDISTILL_DATASETS") or REPO_ROOT.parent / "shared" / "datasets")
 
 #: The two smallest sample images (684x547, ~25 cars each): cheap to decode and evaluate.
 TINY_IMAGES = ("MOS74.jpg", "MOS78.jpg")
@@ -39,9 +41,17 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_datasets() -> Path:
-    """``<repo>/../shared/datasets`` (read-only real data); skips when absent."""
+    """``<repo>/../shared/datasets`` (read-only real data), or ``$DETDISTILL_DATASETS``.
+
+    Every developer machine and CI has ``../shared`` beside the project root, so a missing
+    folder is a broken checkout: the tests that read real data fail instead of skipping
+    silently (a clone elsewhere sets ``DETDISTILL_DATASETS``).
+    """
     if not SHARED_DATASETS.is_dir():
-        pytest.skip(f"shared datasets not found at {SHARED_DATASETS}")
+        pytest.fail(
+            f"shared datasets not found at {SHARED_DATASETS}: clone the project beside ../shared "
+            "or set DETDISTILL_DATASETS to the datasets folder"
+        )
     return SHARED_DATASETS
 
 

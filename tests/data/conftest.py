@@ -8,15 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"
-
 
 @pytest.fixture(scope="session")
-def datasets_dir() -> Path:
-    """``../shared/datasets`` beside the project root (read-only real data)."""
-    if not DATASETS.is_dir():
-        pytest.skip(f"shared datasets not found at {DATASETS}")
-    return DATASETS
+def datasets_dir(shared_datasets: Path) -> Path:
+    """``../shared/datasets`` beside the project root (read-only real data); see the root conftest."""
+    return shared_datasets
 
 
 def _write_image(path: Path, width: int, height: int, mode: str = "RGB", seed: int = 0) -> Path:
