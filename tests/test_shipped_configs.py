@@ -44,7 +44,7 @@ def test_bench_spec_validates(path: Path):
     assert len(spec.seeds) >= 3  # the brief: no claim below 3 seeds
     for method in spec.methods:
         for term in method.distill:
-            METHODS.get(term.method)  # raises with the valid names on a typo
+            METHODS.get(term.method).check_params(term)  # a typo in a method or its params names the term
 
 
 def test_the_scalekd_bench_leaves_the_assistants_own_loss_out_of_the_kd_share():

@@ -162,6 +162,18 @@ def test_kd_term_errors_come_before_data_loads_and_leave_no_run_dir(tiny_config_
     assert not _run(tmp_path).exists()
 
 
+def test_a_bad_method_argument_names_its_term(tiny_config_yaml, tmp_path, capsys):
+    """A value the method itself rejects (not an unknown key) still says which term it is in."""
+    term = {"method": "mssd", "name": "neck_self", "pairs": [["fpn.p3", "pan.p3"], ["fpn.p4", "pan.p4"], ["fpn.p5", "pan.p5"]],
+            "params": {"adapter": "mlp"}}
+    cfg = tiny_config_yaml(model={"arch": "yolo_pafpn"}, distill=[term])
+    assert main(["train", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "distill term 'neck_self' (mssd): MSSD adapter must be 'conv1x1' or 'conv3x3', got 'mlp'" in err
+    assert not (_run(tmp_path) / "checkpoints").exists()
+
+
 def test_logit_kd_with_a_teacher_of_other_classes_is_refused_at_build(tiny_config_yaml, tmp_path, capsys):
     teacher_cfg = tiny_config_yaml(name="teacher.yaml")
     # a 3-class teacher: the same images with a 3-name classes file

@@ -172,3 +172,35 @@ def test_mssd_loss_on_pafpn_fcos() -> None:
     total = sum(losses.values()) + sum(terms.values())
     assert torch.isfinite(total)
     total.backward()
+
+
+def test_conv3x3_adapter_matches_an_independent_computation() -> None:
+    """The nonlinear adaptation layer: shapes, gradients, and the mask term recomputed by hand."""
+    torch.manual_seed(1)
+    crit = MSSDLoss(channels=[4, 6, 8], adapter="conv3x3")
+    for lvl, c in enumerate((4, 6, 8)):
+        hidden, _, last = crit.adapters[lvl]
+        assert tuple(hidden.weight.shape) == (c, c, 3, 3) and tuple(last.weight.shape) == (1, c, 1, 1)
+        assert float(last.bias.detach()) == pytest.approx(math.log(0.01 / 0.99), rel=1e-6)  # starts near "all background"
+    H = W = 64
+    shapes = [(H // s, W // s) for s in STRIDES]
+    fpn = [torch.randn(2, c, h, w) for c, (h, w) in zip((4, 6, 8), shapes)]
+    pan = [torch.randn(2, c, h, w, requires_grad=True) for c, (h, w) in zip((4, 6, 8), shapes)]
+    boxes = [torch.tensor([[4.0, 4.0, 20.0, 22.0]]), torch.tensor([[10.0, 8.0, 60.0, 63.0]])]
+    out = crit(fpn, pan, boxes, (H, W))
+    sum(out.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pan)
+    assert all(p.grad is not None for p in crit.parameters())
+    masks = gaussian_masks(boxes, (H, W), STRIDES, sigma_mode="box_fraction")
+    want = 0.0
+    for p, m, (hidden, _, last) in zip(pan, masks, crit.adapters):
+        x = p.detach().double()
+        h = torch.nn.functional.conv2d(x, hidden.weight.detach().double(), hidden.bias.detach().double(), padding=1)
+        logits = torch.einsum("nchw,c->nhw", h.clamp(min=0), last.weight.detach().double().view(-1)) + float(last.bias.detach())
+        want += float(((torch.sigmoid(logits)[:, None] - m.double()) ** 2).mean())
+    assert float(out["mssd_mask"].detach()) == pytest.approx(want, rel=1e-5)
+
+
+def test_unknown_adapter_is_named() -> None:
+    with pytest.raises(ValueError, match="adapter must be 'conv1x1' or 'conv3x3', got 'mlp'"):
+        MSSDLoss(channels=8, adapter="mlp")  # type: ignore[arg-type]

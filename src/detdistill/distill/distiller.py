@@ -86,7 +86,13 @@ class Distiller(nn.Module):
                                num_classes, teacher.model if teacher else None, teacher.adapter if teacher else None,
                                {k: self.t_info[k] for k in n.teacher_taps}, teacher.input_scale if teacher else 1.0,
                                teacher.class_names if teacher else None)
-            self.methods[self._key(label)] = classes[label](ctx, **term.params)
+            try:
+                self.methods[self._key(label)] = classes[label](ctx, **term.params)
+            except (ValueError, TypeError) as err:
+                if str(err).startswith("distill term"):
+                    raise  # already names the term
+                # A method's own argument check (e.g. a bad `params` value) cannot know the term's name.
+                raise type(err)(f"distill term {label!r} ({term.method}): {err}") from err
         self.need_teacher_head = any(n.teacher_head for n in needs.values())
         self.need_student_head = any(n.student_head for n in needs.values())
         self.teacher_first = any(n.teacher_first for n in needs.values())

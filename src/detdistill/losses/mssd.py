@@ -20,6 +20,7 @@ layers exist only for training; the detector is unchanged at inference.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +28,14 @@ from torch import Tensor, nn
 
 from .gaussian_mask import SigmaMode, gaussian_masks
 
-__all__ = ["mssd_self_distill_loss", "mssd_mask_loss", "MSSDLoss"]
+__all__ = ["mssd_self_distill_loss", "mssd_mask_loss", "MSSDLoss", "MaskAdapter"]
 
 _EPS = 1e-6
+
+#: ``conv1x1``: one 1x1 conv (the smallest layer that maps a map to the mask's shape);
+#: ``conv3x3``: 3x3 conv -> ReLU -> 1x1 conv, so a nonlinear layer, not the neck, can turn
+#: the features into a heatmap.
+MaskAdapter = Literal["conv1x1", "conv3x3"]
 
 
 def mssd_self_distill_loss(fpn: Tensor, pan: Tensor, mask: Tensor | None = None, eps: float = _EPS) -> Tensor:
@@ -70,11 +76,15 @@ def mssd_mask_loss(adapted: Tensor, mask: Tensor) -> Tensor:
 class MSSDLoss(nn.Module):
     """Multi-scale self-distillation plus Gaussian-mask auxiliary loss.
 
-    Parameters are only the per-scale adaptation layers ``adapters[l]``: a 1x1 conv
-    ``C -> 1``; a sigmoid follows in ``forward`` because the mask lies in ``[0, 1]`` and a
-    bounded output keeps the MSE well-conditioned (cf. CenterNet heatmaps). Biases start at
-    ``log(0.01/0.99)`` so the initial prediction is near the all-background mask, which
-    avoids a large first-step gradient into the neck.
+    Parameters are only the per-scale adaptation layers ``adapters[l]`` (``C -> 1``): a 1x1
+    conv by default, or ``adapter="conv3x3"`` (3x3 conv ``C -> C``, ReLU, 1x1 conv ``C -> 1``).
+    The paper only says "a feature adaptation layer"; with a linear 1x1 the mask loss can
+    be met only by making the PAN map itself linearly separable into a heatmap, while the
+    3x3 variant gives that job to a small nonlinear layer (an ablation for the cost of the
+    mask term, docs/benchmarks.md). A sigmoid follows in ``forward`` because the mask lies
+    in ``[0, 1]`` and a bounded output keeps the MSE well-conditioned (cf. CenterNet
+    heatmaps). The last bias starts at ``log(0.01/0.99)`` so the initial prediction is near
+    the all-background mask, which avoids a large first-step gradient into the neck.
 
     Args:
         channels: PAN channels (one int for all scales, or one per scale).
@@ -87,6 +97,7 @@ class MSSDLoss(nn.Module):
             ``sigma_mode`` defaults to ``"box_fraction"`` (σ = w/6, h/6: the Gaussian spans the
             whole box, the reading of "encode each box region"); ``"centernet"`` gives masks
             of one or two cells for small objects.
+        adapter: the adaptation layer, ``"conv1x1"`` (default) or ``"conv3x3"`` (see above).
     """
 
     def __init__(
@@ -99,6 +110,7 @@ class MSSDLoss(nn.Module):
         size_thresholds: Sequence[float] = (32.0, 96.0),
         sigma_mode: SigmaMode = "box_fraction",
         strides: Sequence[int] = (8, 16, 32),
+        adapter: MaskAdapter = "conv1x1",
     ) -> None:
         super().__init__()
         chans = [channels] * num_scales if isinstance(channels, int) else list(channels)
@@ -113,11 +125,10 @@ class MSSDLoss(nn.Module):
         self.size_thresholds = tuple(float(t) for t in size_thresholds)
         self.sigma_mode: SigmaMode = sigma_mode
         self.strides = tuple(int(s) for s in strides)
-        self.adapters = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1) for c in chans)
-        prior = torch.logit(torch.tensor(0.01)).item()
-        for conv in self.adapters:
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.constant_(conv.bias, prior)
+        if adapter not in ("conv1x1", "conv3x3"):
+            raise ValueError(f"MSSD adapter must be 'conv1x1' or 'conv3x3', got {adapter!r}")
+        self.adapter = adapter
+        self.adapters = nn.ModuleList(_mask_adapter(c, adapter) for c in chans)
 
     def forward(
         self,
@@ -156,3 +167,16 @@ class MSSDLoss(nn.Module):
             adapted = torch.sigmoid(self.adapters[lvl](pan))
             mask_total = mask_total + mssd_mask_loss(adapted, mask)
         return {"mssd_self": self_total, "mssd_mask": self.mask_weight * mask_total}
+
+
+def _mask_adapter(channels: int, kind: MaskAdapter) -> nn.Module:
+    """One scale's adaptation layer ``(N, C, H, W) -> (N, 1, H, W)`` logits (see :class:`MSSDLoss`)."""
+    last = nn.Conv2d(channels, 1, kernel_size=1)
+    nn.init.normal_(last.weight, std=0.01)
+    nn.init.constant_(last.bias, torch.logit(torch.tensor(0.01)).item())
+    if kind == "conv1x1":
+        return last  # a bare conv keeps the checkpoint keys `adapters.<l>.weight|bias`
+    hidden = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+    nn.init.kaiming_normal_(hidden.weight, nonlinearity="relu")
+    nn.init.zeros_(hidden.bias)
+    return nn.Sequential(hidden, nn.ReLU(inplace=True), last)
