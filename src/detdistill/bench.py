@@ -272,7 +272,8 @@ def _balance_section(spec: BenchSpec, balances: dict[str, dict[int, LossBalance]
         verdict = paired.get(name)
         if name == spec.baseline or (verdict is not None and verdict.verdict == "beats"):
             continue
-        found = diagnose(by_seed, base)
+        terms = next((m.distill for m in spec.methods if m.name == name), [])
+        found = diagnose(by_seed, base, terms)
         findings[name] = found
         if found:
             lines.append(f"Why `{name}` may not help: " + "; ".join(found) + ".")

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from detdistill.config import DistillTermConfig
 from detdistill.report.loss_balance import LossBalance, detection_loss_change, diagnose, loss_balance
 from detdistill.report.metrics_log import MetricsLogger, read_metrics
 
@@ -135,3 +136,23 @@ def test_the_assistant_finding_says_how_much_the_assistant_changes_the_maps():
     assert b is not None and b.diag_end["scalekd/assistant_residual_ratio"] == pytest.approx(0.004)
     (found,) = diagnose({0: b}, {})
     assert found.endswith("differ from the student's by 0.4 % of their norm, 25 % of that change varying over positions")
+
+
+def test_advice_leaves_out_what_the_terms_already_do():
+    base = {0: _bal(1.0, 0.0)}
+    plain = DistillTermConfig(method="pkd", pairs=[["neck.p3", "neck.p3"]])
+    normalised = DistillTermConfig(method="pkd", normalize=True, pairs=[["neck.p3", "neck.p3"]])
+    ramped = DistillTermConfig(method="pkd", normalize=True, warmup_steps=100, pairs=[["neck.p3", "neck.p3"]])
+    strong = {0: _bal(1.0, 0.6)}
+    (finding,) = diagnose(strong, base, [plain])
+    assert finding.endswith("lower the weight, add a `warmup_steps` ramp or set `normalize: true`")
+    (finding,) = diagnose(strong, base, [normalised])
+    assert "set `normalize: true`" not in finding and "lower the weight or add a `warmup_steps` ramp" in finding
+    assert "each starts at `weight` times the detection loss" in finding
+    (finding,) = diagnose(strong, base, [ramped])
+    assert "warmup_steps" not in finding and "lower the weight (the terms are normalised" in finding
+    (finding,) = diagnose({0: _bal(1.0, 0.0005)}, base, [normalised])
+    assert "raise the weight (the terms are normalised" in finding and "normalize: true" not in finding
+    # a method with one normalised and one plain term still gets the normalize advice
+    (finding,) = diagnose(strong, base, [normalised, plain])
+    assert finding.endswith("set `normalize: true`")

@@ -22,6 +22,10 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import fmean
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import DistillTermConfig
 
 __all__ = ["LossBalance", "loss_balance", "detection_loss_change", "diagnose", "WEAK_SHARE", "DOMINANT_SHARE", "TASK_RISE",
            "ASSISTANT_EDGE"]
@@ -123,13 +127,15 @@ def detection_loss_change(method: Mapping[int, LossBalance], baseline: Mapping[i
     return fmean(method[s].task_end for s in common) / fmean(baseline[s].task_end for s in common) - 1, len(common)
 
 
-def diagnose(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalance]) -> list[str]:
+def diagnose(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalance],
+             terms: Sequence[DistillTermConfig] = ()) -> list[str]:
     """What the loss balance of a method's runs says, against the baseline's (``{seed: balance}``).
 
     Shares are means over the method's seeds; the detection-loss comparison uses the seeds both
     ran (the same crops). Returns plain sentences (empty when nothing stands out); every finding
     names its figure and the threshold it crossed: :data:`WEAK_SHARE`, :data:`DOMINANT_SHARE`,
-    :data:`TASK_RISE`, :data:`ASSISTANT_EDGE`.
+    :data:`TASK_RISE`, :data:`ASSISTANT_EDGE`. With the method's ``terms``, the advice leaves out
+    what they already do (no "set `normalize: true`" to a normalised term).
     """
     if not method:
         return []
@@ -141,11 +147,10 @@ def diagnose(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalan
     end = fmean(b.share_end for b in runs)
     if max(start, end) < WEAK_SHARE:
         found.append(f"the KD terms are {100 * max(start, end):.2g} % of the loss (under {100 * WEAK_SHARE:.0f} %): "
-                     "too weak to change the student; raise the weight or set `normalize: true`")
+                     "too weak to change the student; " + _advice(terms, weaker=False))
     if start > DOMINANT_SHARE:
         found.append(f"the KD terms are {100 * start:.0f} % of the loss when they start (over "
-                     f"{100 * DOMINANT_SHARE:.0f} %): they outweigh the detection loss; lower the weight, add a "
-                     "`warmup_steps` ramp or set `normalize: true`")
+                     f"{100 * DOMINANT_SHARE:.0f} %): they outweigh the detection loss; " + _advice(terms, weaker=True))
     change = detection_loss_change(method, baseline)
     if change is not None and change[0] > TASK_RISE:
         found.append(f"the student's final detection loss is {100 * change[0]:+.0f} % against the student alone's "
@@ -159,6 +164,21 @@ def diagnose(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalan
                          "lower to teach): it detects no better than the student, so there is little to distil"
                          + _residual_note(term, with_it))
     return found
+
+
+def _advice(terms: Sequence[DistillTermConfig], weaker: bool) -> str:
+    """What to change, leaving out what every term already does."""
+    normalised = bool(terms) and all(t.normalize for t in terms)
+    ramped = bool(terms) and all(t.warmup_steps > 0 for t in terms)
+    options = ["lower the weight" if weaker else "raise the weight"]
+    if weaker and not ramped:
+        options.append("add a `warmup_steps` ramp")
+    if not normalised:
+        options.append("set `normalize: true`")
+    text = options[0] if len(options) == 1 else ", ".join(options[:-1]) + " or " + options[-1]
+    if normalised:
+        text += " (the terms are normalised: each starts at `weight` times the detection loss)"
+    return text
 
 
 def _residual_note(term: str, runs: Sequence[LossBalance]) -> str:
