@@ -9,7 +9,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from detdistill.bench import run_bench, verdicts
+from detdistill.bench import run_bench, teacher_check, verdicts
 from detdistill.engine.train import train
 from detdistill.report.paired import paired_verdict
 
@@ -47,6 +47,17 @@ def test_bench_verdicts_pair_by_seed():
                 "kd": {0: {"AP": 11.0}, 1: {"AP": 31.5}, 2: {"AP": 21.2}}}
     v = verdicts(per_seed, "alone")
     assert list(v) == ["kd"] and v["kd"].verdict == "beats" and v["kd"].gains == pytest.approx({0: 1.0, 1: 1.5, 2: 1.2})
+
+
+def test_the_teacher_must_lead_by_more_than_two_seed_stds():
+    ok, text = teacher_check("AP/car", 45.5, 28.3, 2.0, 3)  # the FCOS pair
+    assert ok and "lead +17.2 = 8.6 seed stds (over 2): the teacher is clearly better" in text
+    ok, text = teacher_check("AP/car", 33.0, 28.3, 3.0, 3)  # ahead, but inside two stds
+    assert not ok and "1.6 seed stds (not over 2). WARNING" in text and "train the teacher longer" in text
+    ok, text = teacher_check("AP/car", 30.0, 28.3, 0.0, 1)
+    assert ok and "unknown with one seed" in text
+    ok, text = teacher_check("AP/car", 20.0, 28.3, 0.0, 1)
+    assert not ok and "does NOT beat" in text
 
 
 def test_bench_runs_reports_and_resumes(tiny_config, tiny_config_yaml, tmp_path, capsys):

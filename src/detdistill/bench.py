@@ -196,6 +196,30 @@ def verdicts(per_seed: dict[str, dict[int, dict[str, float]]], baseline: str, me
             for name, runs in per_seed.items() if name != baseline}
 
 
+TEACHER_MARGIN_STDS = 2.0  # the teacher must lead the student alone by this many seed stds
+
+
+def teacher_check(metric: str, teacher: float, mean: float, std: float, n: int) -> tuple[bool, str]:
+    """Whether the teacher clearly beats the student alone, and the sentence the report prints.
+
+    "Clearly" is a lead of more than :data:`TEACHER_MARGIN_STDS` standard deviations of the
+    student alone over its seeds: a teacher inside the students' own seed spread has nothing
+    reliable to teach. With one seed the spread is unknown, which the sentence says.
+    """
+    lead = teacher - mean
+    head = f"Teacher {metric} {teacher:.1f} vs student alone {mean:.1f} ± {std:.1f} ({n} seeds): lead {lead:+.1f}"
+    if n < 2 or not std > 0:
+        ok = lead > 0
+        return ok, head + (", the seed spread is unknown with one seed; run more seeds to check the margin."
+                           if ok else ". WARNING: the teacher does NOT beat the student alone; KD results below are "
+                           "not meaningful.")
+    ok = lead > TEACHER_MARGIN_STDS * std
+    return ok, head + f" = {lead / std:.1f} seed stds" + (
+        f" (over {TEACHER_MARGIN_STDS:g}): the teacher is clearly better, KD comparisons are meaningful." if ok else
+        f" (not over {TEACHER_MARGIN_STDS:g}). WARNING: the teacher does not clearly beat the student alone; KD "
+        "results below are not meaningful: train the teacher longer or pick a larger one.")
+
+
 def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher: dict[str, float] | None,
                  seeds: list[int], per_seed: dict[str, dict[int, dict[str, float]]] | None = None,
                  balances: dict[str, dict[int, LossBalance]] | None = None) -> list[dict[str, Any]]:
@@ -208,10 +232,7 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
         pm = spec.primary_metric
         lines.append("Teacher: " + ", ".join(f"{m} {teacher[m]:.1f}" for m in METRICS + extra if teacher.get(m) is not None))
         if base is not None:
-            ok = teacher[pm] > base[f"{pm}_mean"] + base[f"{pm}_std"]
-            lines.append(f"Teacher {pm} {teacher[pm]:.1f} vs student alone {base[f'{pm}_mean']:.1f} ± {base[f'{pm}_std']:.1f}: "
-                         + ("the teacher is better, KD comparisons are meaningful." if ok else
-                            "WARNING: the teacher does NOT beat the student alone; KD results below are not meaningful."))
+            lines.append(teacher_check(pm, teacher[pm], base[f"{pm}_mean"], base[f"{pm}_std"], int(base["n"]))[1])
         lines.append("")
     lines.append(markdown_table(rows, cols))
     paired: dict[str, PairedResult] = {}
