@@ -129,6 +129,13 @@ class MSSDLoss(nn.Module):
             raise ValueError(f"MSSD adapter must be 'conv1x1' or 'conv3x3', got {adapter!r}")
         self.adapter = adapter
         self.adapters = nn.ModuleList(_mask_adapter(c, adapter) for c in chans)
+        # Every layer is built before any is re-initialised: the RNG draws stay in the order
+        # they had with one 1x1 conv per scale, so seeded runs reproduce earlier results.
+        prior = torch.logit(torch.tensor(0.01)).item()
+        for layer in self.adapters:
+            last = layer if isinstance(layer, nn.Conv2d) else layer[-1]
+            nn.init.normal_(last.weight, std=0.01)
+            nn.init.constant_(last.bias, prior)
 
     def forward(
         self,
@@ -170,13 +177,11 @@ class MSSDLoss(nn.Module):
 
 
 def _mask_adapter(channels: int, kind: MaskAdapter) -> nn.Module:
-    """One scale's adaptation layer ``(N, C, H, W) -> (N, 1, H, W)`` logits (see :class:`MSSDLoss`)."""
-    last = nn.Conv2d(channels, 1, kernel_size=1)
-    nn.init.normal_(last.weight, std=0.01)
-    nn.init.constant_(last.bias, torch.logit(torch.tensor(0.01)).item())
+    """One scale's adaptation layer ``(N, C, H, W) -> (N, 1, H, W)`` logits (see :class:`MSSDLoss`);
+    its last 1x1 conv is initialised by the caller."""
     if kind == "conv1x1":
-        return last  # a bare conv keeps the checkpoint keys `adapters.<l>.weight|bias`
+        return nn.Conv2d(channels, 1, kernel_size=1)  # a bare conv keeps the keys `adapters.<l>.weight|bias`
     hidden = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
     nn.init.kaiming_normal_(hidden.weight, nonlinearity="relu")
     nn.init.zeros_(hidden.bias)
-    return nn.Sequential(hidden, nn.ReLU(inplace=True), last)
+    return nn.Sequential(hidden, nn.ReLU(inplace=True), nn.Conv2d(channels, 1, kernel_size=1))
