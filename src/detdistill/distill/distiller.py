@@ -92,7 +92,8 @@ class Distiller(nn.Module):
                 if str(err).startswith("distill term"):
                     raise  # already names the term
                 # A method's own argument check (e.g. a bad `params` value) cannot know the term's name.
-                raise type(err)(f"distill term {label!r} ({term.method}): {err}") from err
+                kind = ValueError if isinstance(err, ValueError) else TypeError  # subclasses may take other args
+                raise kind(f"distill term {label!r} ({term.method}): {err}") from err
         self.need_teacher_head = any(n.teacher_head for n in needs.values())
         self.need_student_head = any(n.student_head for n in needs.values())
         self.teacher_first = any(n.teacher_first for n in needs.values())
