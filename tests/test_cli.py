@@ -65,7 +65,15 @@ def test_train_eval_predict_export(tmp_path, tiny_config_yaml, crop_dataset, cap
 
     assert main(["eval", str(cfg_path), "--checkpoint", str(ckpt)]) == 0
     out = capsys.readouterr().out
-    assert "last.pt" in out and "AR100" in out and "per-class AP" in out and "car" in out
+    assert "last.pt (ema)" in out and "AR100" in out and "per-class AP" in out and "car" in out
+    for weights in ("ema", "raw"):
+        out_json = tmp_path / f"eval_{weights}.json"
+        assert main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--weights", weights,
+                     "--json", str(out_json)]) == 0
+        assert f"last.pt ({weights})" in capsys.readouterr().out
+        written = json.loads(out_json.read_text())
+        assert written["weights"] == weights and written["step"] == 2 and written["num_images"] == 1
+        assert {"AP", "APs", "AP/car"} <= written.keys()
 
     image = crop_dataset(size=160)["root"] / "images" / "MOS74.png"
     pred_dir = tmp_path / "pred"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -44,7 +45,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.train.device)
-    restored = restore_model(args.checkpoint, device)
+    restored = restore_model(args.checkpoint, device, weights=args.weights)
+    if args.weights == "ema" and restored.weights == "raw":
+        print("note: the checkpoint kept no EMA; evaluating its weights", file=sys.stderr)
     val = load_split(cfg, "val")
     print(val.summary())
     if val.class_names != restored.class_names:
@@ -57,8 +60,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     with torch.no_grad():
         result = evaluate(restored.model, restored.adapter, EvalDataset(val, EvalTransform()), cfg.eval, device,
                           nms_thresh=restored.config.model.nms_thresh)
-    row = {"name": Path(args.checkpoint).name, **result.as_dict()}
+    row = {"name": f"{Path(args.checkpoint).name} ({restored.weights})", **result.as_dict()}
     print(format_metrics_table([row], ["name", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]))
+    if args.json:
+        out = {"checkpoint": str(args.checkpoint), "step": restored.step, "weights": restored.weights,
+               **result.as_dict()}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"metrics: {args.json}")
     per_class = [{"class": k, "AP": v} for k, v in result.per_class_AP.items()]
     print(format_metrics_table(per_class, ["class", "AP"], title="per-class AP"))
     return 0
@@ -160,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("config")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--checkpoint", required=True)
+    e.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                   help="ema (default): the EMA weights when the run kept them, as training's own evaluation and "
+                        "export use; raw: the optimizer's weights, e.g. to see what the EMA adds")
+    e.add_argument("--json", metavar="PATH", help="also write the metrics (and per-class AP) to this JSON file")
     e.add_argument("--allow-class-mismatch", action="store_true",
                    help="evaluate although the checkpoint's class names differ from the data's (same ids, other names)")
 

@@ -61,9 +61,11 @@ def test_evaluation_export_and_restore_use_the_ema_weights(tmp_path, tiny_config
     assert ema.keys() == raw.keys()
     assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point())  # really an average
     restored = restore_model(cfg.run_dir / "checkpoints" / "last.pt")
+    assert restored.weights == "ema"
     for k, v in restored.model.state_dict().items():
         assert torch.equal(v, ema[k]), k
     plain = restore_model(cfg.run_dir / "checkpoints" / "last.pt", weights="raw")
+    assert plain.weights == "raw"
     for k, v in plain.model.state_dict().items():
         assert torch.equal(v, raw[k]), k
     from safetensors.torch import load_file
@@ -81,6 +83,7 @@ def test_ema_off_keeps_no_average_and_an_old_checkpoint_resumes_with_a_fresh_one
     state = load_checkpoint(path)
     assert state["ema"] == {}
     restored = restore_model(path)  # no EMA kept: the weights themselves
+    assert restored.weights == "raw"
     for k, v in restored.model.state_dict().items():
         assert torch.equal(v, state["model"][k]), k
     # the same run extended with EMA on: it resumes, says the average starts now, and keeps one

@@ -22,6 +22,7 @@ class RestoredModel:
     class_names: list[str]
     category_ids: list[int]
     step: int
+    weights: str = "raw"  # which weights were loaded: "ema" or "raw" (a run without EMA gives "raw")
 
 
 def ema_weights(ckpt: dict) -> dict | None:
@@ -51,4 +52,5 @@ def restore_model(path: str | Path, device: torch.device | str = "cpu", *, weigh
     model.load_state_dict(state if state is not None else ckpt["model"], strict=True)
     model.to(device).eval()
     ids = list(ckpt.get("category_ids") or range(len(names)))
-    return RestoredModel(model, adapter, cfg, names, ids, int(ckpt.get("step", 0)))
+    return RestoredModel(model, adapter, cfg, names, ids, int(ckpt.get("step", 0)),
+                         "ema" if state is not None else "raw")
