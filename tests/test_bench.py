@@ -6,10 +6,12 @@ import json
 import math
 
 import pytest
+import torch
 import yaml
 from scipy import stats
 
 from detdistill.bench import run_bench, teacher_check, verdicts
+from detdistill.engine.environment import pairing_key, run_environment
 from detdistill.engine.train import train
 from detdistill.report.paired import paired_verdict
 
@@ -47,6 +49,28 @@ def test_bench_verdicts_pair_by_seed():
                 "kd": {0: {"AP": 11.0}, 1: {"AP": 31.5}, 2: {"AP": 21.2}}}
     v = verdicts(per_seed, "alone")
     assert list(v) == ["kd"] and v["kd"].verdict == "beats" and v["kd"].gains == pytest.approx({0: 1.0, 1: 1.5, 2: 1.2})
+
+
+def test_bench_verdicts_pair_only_runs_of_one_environment():
+    per_seed = {"alone": {0: {"AP": 10.0}, 1: {"AP": 30.0}, 2: {"AP": 20.0}},
+                "kd": {0: {"AP": 11.0}, 1: {"AP": 31.5}, 2: {"AP": 21.2}}}
+    same = {"alone": {0: "A", 1: "A", 2: "A"}, "kd": {0: "A", 1: "A", 2: "A"}}
+    assert verdicts(per_seed, "alone", environments=same)["kd"].n == 3
+    # seed 1's kd run trained on another machine: its difference from alone seed 1 is not a paired one
+    moved = {"alone": {0: "A", 1: "A", 2: "A"}, "kd": {0: "A", 1: "B", 2: "A"}}
+    v = verdicts(per_seed, "alone", environments=moved)["kd"]
+    assert v.n == 2 and set(v.gains) == {0, 2} and v.verdict == "no claim"
+
+
+def test_run_environment_names_what_changes_the_numbers():
+    env = run_environment(torch.device("cpu"))
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["threads"] == torch.get_num_threads()
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["processor"]
+    json.dumps(env)  # plain JSON values: it goes into run_summary.json
+    key = pairing_key(env)
+    assert key == pairing_key(dict(env, python="0.0", detdistill="0.0"))  # recorded, but not part of the key
+    assert key != pairing_key(dict(env, threads=env["threads"] + 1)) and key != pairing_key(dict(env, torch="x"))
+    assert pairing_key(None) == pairing_key({}) == "unrecorded"
 
 
 def test_the_teacher_must_lead_by_more_than_two_seed_stds():
@@ -106,3 +130,16 @@ def test_bench_runs_reports_and_resumes(tiny_config, tiny_config_yaml, tmp_path,
     printed = capsys.readouterr().out
     assert "l2 seed 1: training" in printed and printed.count("done already, skipping") == 1
     assert (out / "l2" / "seed1" / "final_metrics.json").is_file()
+
+    # Every run records its environment; the report names it, one for all these runs.
+    summary = json.loads((out / "l2" / "seed1" / "run_summary.json").read_text())
+    assert summary["environment"] == run_environment(torch.device("cpu"))
+    assert f"Environment of every run: {pairing_key(summary['environment'])}." in (out / "results.md").read_text()
+    # A run from another environment (here: a thread count changed by hand) is named and left out of the pairs.
+    summary["environment"]["threads"] += 7
+    (out / "l2" / "seed1" / "run_summary.json").write_text(json.dumps(summary))
+    run_bench(spec_path, out_dir=out, progress=False)
+    printed = capsys.readouterr().out
+    report = (out / "results.md").read_text()
+    assert "WARNING: the runs come from 2 environments" in printed and "(l2 seed 1)" in report
+    assert json.loads((out / "results.json").read_text())["paired"]["l2"]["n"] == 1

@@ -37,6 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ConfigError, DistillTermConfig, TeacherConfig, load_config
+from .engine.environment import pairing_key
 from .report.loss_balance import LossBalance, detection_loss_change, diagnose, loss_balance
 from .report.metrics_log import read_metrics
 from .report.paired import PairedResult, paired_verdict
@@ -129,6 +130,13 @@ def _collect(run_dir: Path) -> dict[str, float] | None:
     return metrics
 
 
+def _environment(run_dir: Path) -> str:
+    """The run's :func:`~detdistill.engine.environment.pairing_key` (from its ``run_summary.json``)."""
+    summary_path = run_dir / "run_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return pairing_key(summary.get("environment"))
+
+
 def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] | None = None,
               methods: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or continue) the selected methods x seeds, then report on every finished run.
@@ -162,16 +170,18 @@ def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] 
     rows = []
     per_seed: dict[str, dict[int, dict[str, float]]] = {}
     balances: dict[str, dict[int, LossBalance]] = {}
+    environments: dict[str, dict[int, str]] = {}
     for method in spec.methods:
         found = {s: m for s in sorted(set(spec.seeds) | set(run_seeds)) if (m := _collect(out / method.name / f"seed{s}"))}
         if found:
             per_seed[method.name] = found
+            environments[method.name] = {s: _environment(out / method.name / f"seed{s}") for s in found}
             rows.append({"name": method.name, "n": len(found), **aggregate_seeds(list(found.values()))})
             helpers = _assistant_parts(method)
             balances[method.name] = {s: b for s in found
                                      if (b := _balance(out / method.name / f"seed{s}", helpers)) is not None}
     return write_report(spec, out, rows, _teacher_metrics(spec, out), sorted(set(spec.seeds) | set(run_seeds)), per_seed,
-                        balances)
+                        balances, environments)
 
 
 def _assistant_parts(method: BenchMethod) -> set[str]:
@@ -188,11 +198,20 @@ def _balance(run_dir: Path, assistant: set[str]) -> LossBalance | None:
     return loss_balance(read_metrics(log), assistant=assistant) if log.is_file() else None
 
 
-def verdicts(per_seed: dict[str, dict[int, dict[str, float]]], baseline: str, metric: str = "AP") -> dict[str, PairedResult]:
+def verdicts(per_seed: dict[str, dict[int, dict[str, float]]], baseline: str, metric: str = "AP",
+             environments: dict[str, dict[int, str]] | None = None) -> dict[str, PairedResult]:
     """The paired verdict of every method against ``baseline`` on ``metric`` (see
-    :func:`detdistill.report.paired.paired_verdict`); ``per_seed`` is method -> seed -> metrics."""
+    :func:`detdistill.report.paired.paired_verdict`); ``per_seed`` is method -> seed -> metrics.
+
+    With ``environments`` (method -> seed -> pairing key), a seed is paired only when the method's
+    run and the baseline's come from the same environment: across torch builds, processors or
+    thread counts one seed no longer gives the same training, so the difference is not a paired one.
+    """
+    envs = environments or {}
+    base_env = envs.get(baseline, {})
     base = {s: m.get(metric, math.nan) for s, m in per_seed.get(baseline, {}).items()}
-    return {name: paired_verdict(base, {s: m.get(metric, math.nan) for s, m in runs.items()})
+    return {name: paired_verdict(base, {s: m.get(metric, math.nan) for s, m in runs.items()
+                                        if envs.get(name, {}).get(s) == base_env.get(s)})
             for name, runs in per_seed.items() if name != baseline}
 
 
@@ -222,7 +241,8 @@ def teacher_check(metric: str, teacher: float, mean: float, std: float, n: int) 
 
 def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher: dict[str, float] | None,
                  seeds: list[int], per_seed: dict[str, dict[int, dict[str, float]]] | None = None,
-                 balances: dict[str, dict[int, LossBalance]] | None = None) -> list[dict[str, Any]]:
+                 balances: dict[str, dict[int, LossBalance]] | None = None,
+                 environments: dict[str, dict[int, str]] | None = None) -> list[dict[str, Any]]:
     extra = [spec.primary_metric] if spec.primary_metric not in METRICS else []
     cols = ["name", "n"] + METRICS + extra + ["s_per_step", "peak_mem_mb"]
     lines = [f"# Benchmark {spec.name}", "", f"Student config: `{spec.student_config}`; seeds {seeds}; "
@@ -235,10 +255,11 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
             lines.append(teacher_check(pm, teacher[pm], base[f"{pm}_mean"], base[f"{pm}_std"], int(base["n"]))[1])
         lines.append("")
     lines.append(markdown_table(rows, cols))
+    env_groups = _environment_section(environments or {}, spec.baseline, lines)
     paired: dict[str, PairedResult] = {}
     if base is not None and per_seed:
         pm = spec.primary_metric
-        paired = verdicts(per_seed, spec.baseline, pm)
+        paired = verdicts(per_seed, spec.baseline, pm, environments)
         lines += ["", f"Paired verdict on {pm} against `{spec.baseline}` (per-seed gains; a method beats the "
                   "baseline only when a one-sided paired t-test gives p < 0.05, and 3+ paired seeds are needed):", ""]
         lines += [f"- {name}: {v.describe()}" for name, v in paired.items()]
@@ -252,13 +273,13 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(
         {"rows": rows, "teacher": teacher, "seeds": seeds,
-         "findings": findings,
+         "findings": findings, "environments": env_groups,
          "paired": {n: {**{k: getattr(v, k) for k in ("n", "mean_gain", "std_gain", "wins", "losses", "t", "p_greater",
                                                        "p_less", "verdict")}, "gains": v.gains} for n, v in paired.items()}},
         indent=2, default=str))
     plot_bars(rows, ["AP", "AP50", "AP75", "APs", "APm"] + extra, out / "bars.png", f"{spec.name}: mean ± std over {len(seeds)} seeds")
     print(format_metrics_table(rows, cols, title=f"{spec.name} (mean ± std over seeds {seeds})"))
-    print("\n".join(ln for ln in lines if ln.startswith(("Teacher", "WARNING", "Paired verdict", "- ", "Why "))))
+    print("\n".join(ln for ln in lines if ln.startswith(("Teacher", "WARNING", "Environment", "Paired verdict", "- ", "Why "))))
     print(f"report: {out / 'results.md'}, plots: {out / 'bars.png'}" + (f", {out / 'paired.png'}" if paired else ""))
     return rows
 
@@ -299,3 +320,27 @@ def _balance_section(spec: BenchSpec, balances: dict[str, dict[int, LossBalance]
         if found:
             lines.append(f"Why `{name}` may not help: " + "; ".join(found) + ".")
     return findings
+
+
+def _environment_section(environments: dict[str, dict[int, str]], baseline: str,
+                         lines: list[str]) -> dict[str, list[str]]:
+    """Say which environment the runs trained in; when they differ, warn and list them, since a
+    seed's baseline and method runs pair only within one (:mod:`detdistill.engine.environment`).
+    Returns pairing key -> the runs (``"<method> seed <k>"``) trained in it."""
+    groups: dict[str, list[str]] = {}
+    for name, by_seed in environments.items():
+        for s, key in sorted(by_seed.items()):
+            groups.setdefault(key, []).append(f"{name} seed {s}")
+    if len(groups) == 1:
+        lines += ["", f"Environment of every run: {next(iter(groups))}."]
+    elif groups:
+        base = environments.get(baseline, {})
+        split = sorted(f"{name} seed {s}" for name, by_seed in environments.items() if name != baseline
+                       for s, key in by_seed.items() if s in base and key != base[s])
+        lines += ["", f"WARNING: the runs come from {len(groups)} environments, and one seed gives the same training "
+                  "only within one: the verdicts below leave out "
+                  + (f"{len(split)} run(s) whose `{baseline}` run of the same seed trained elsewhere ({', '.join(split)})"
+                     if split else "no run (every method's seeds match their baseline's environment)")
+                  + ". Rerun them in one environment to pair them. Runs per environment:"]
+        lines += [f"- {key}: {', '.join(runs)}" for key, runs in groups.items()]
+    return groups

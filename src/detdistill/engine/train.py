@@ -33,6 +33,7 @@ from ..structures import Batch
 from .checkpoint import rng_state, save_checkpoint
 from .coco_eval import EvalResult
 from .device import peak_memory_mb
+from .environment import run_environment
 from .distributed import (DistInfo, all_reduce_grads, broadcast_buffers, cleanup, gather_objects, mean_over_ranks,
                           reduce_mean)
 from .evaluate import evaluate
@@ -236,5 +237,6 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
     if info.is_main and final is not None:
         (run_dir / "run_summary.json").write_text(json.dumps(
             {"steps": result.steps, "seconds": seconds, "sec_per_step": result.sec_per_step,
-             "peak_mem_mb": result.peak_mem_mb, "resumed_from": start, "device": str(run.device)}, indent=2))
+             "peak_mem_mb": result.peak_mem_mb, "resumed_from": start, "device": str(run.device),
+             "environment": run_environment(run.device)}, indent=2))
     return result
