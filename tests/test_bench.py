@@ -12,7 +12,7 @@ import torch
 import yaml
 from scipy import stats
 
-from detdistill.bench import run_bench, teacher_check, verdicts
+from detdistill.bench import paired_runs, run_bench, teacher_check, verdicts
 from detdistill.engine.environment import pairing_key, run_environment
 from detdistill.engine.train import train
 from detdistill.report.paired import paired_verdict
@@ -62,6 +62,8 @@ def test_bench_verdicts_pair_only_runs_of_one_environment():
     moved = {"alone": {0: "A", 1: "A", 2: "A"}, "kd": {0: "A", 1: "B", 2: "A"}}
     v = verdicts(per_seed, "alone", environments=moved)["kd"]
     assert v.n == 2 and set(v.gains) == {0, 2} and v.verdict == "no claim"
+    # the paired plot reads the same pairs: the moved run is not drawn as a line from alone seed 1
+    assert paired_runs(per_seed, "alone", moved) == {"alone": per_seed["alone"], "kd": {0: {"AP": 11.0}, 2: {"AP": 21.2}}}
 
 
 def test_run_environment_names_what_changes_the_numbers():

@@ -207,12 +207,22 @@ def verdicts(per_seed: dict[str, dict[int, dict[str, float]]], baseline: str, me
     run and the baseline's come from the same environment: across torch builds, processors or
     thread counts one seed no longer gives the same training, so the difference is not a paired one.
     """
+    pairable = paired_runs(per_seed, baseline, environments)
+    base = {s: m.get(metric, math.nan) for s, m in pairable.get(baseline, {}).items()}
+    return {name: paired_verdict(base, {s: m.get(metric, math.nan) for s, m in runs.items()})
+            for name, runs in pairable.items() if name != baseline}
+
+
+def paired_runs(per_seed: dict[str, dict[int, dict[str, float]]], baseline: str,
+                environments: dict[str, dict[int, str]] | None = None) -> dict[str, dict[int, dict[str, float]]]:
+    """``per_seed`` without the runs that cannot pair with the baseline's run of their seed: those
+    from another environment (``environments``: method -> seed -> pairing key). The baseline's own
+    runs are all kept. The verdicts and the paired plot both read this, so they show the same pairs."""
     envs = environments or {}
     base_env = envs.get(baseline, {})
-    base = {s: m.get(metric, math.nan) for s, m in per_seed.get(baseline, {}).items()}
-    return {name: paired_verdict(base, {s: m.get(metric, math.nan) for s, m in runs.items()
-                                        if envs.get(name, {}).get(s) == base_env.get(s)})
-            for name, runs in per_seed.items() if name != baseline}
+    return {name: runs if name == baseline else
+            {s: m for s, m in runs.items() if envs.get(name, {}).get(s) == base_env.get(s)}
+            for name, runs in per_seed.items()}
 
 
 TEACHER_MARGIN_STDS = 2.0  # the teacher must lead the student alone by this many seed stds
@@ -266,7 +276,8 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
         gain_rows = [{"name": name, **{f"seed {s}": g for s, g in v.gains.items()}} for name, v in paired.items()]
         gain_cols = ["name"] + [f"seed {s}" for s in seeds if any(f"seed {s}" in r for r in gain_rows)]
         lines += ["", f"Per-seed {pm} gain over `{spec.baseline}`:", "", markdown_table(gain_rows, gain_cols)]
-        plot_paired({n: {s: m.get(pm, math.nan) for s, m in runs.items()} for n, runs in per_seed.items()},
+        pairable = paired_runs(per_seed, spec.baseline, environments)
+        plot_paired({n: {s: m.get(pm, math.nan) for s, m in runs.items()} for n, runs in pairable.items()},
                     spec.baseline, pm, out / "paired.png", f"{spec.name}: {pm} per seed, {spec.baseline} -> method")
     findings = _balance_section(spec, balances or {}, paired, lines)
     text = "\n".join(lines) + "\n"
