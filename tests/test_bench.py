@@ -146,7 +146,9 @@ def test_bench_runs_reports_and_resumes(tiny_config, tiny_config_yaml, tmp_path,
     assert summary["environment"] == json.loads(fresh.stdout)
     assert f"Environment of every run: {pairing_key(summary['environment'])}." in (out / "results.md").read_text()
     # A run from another environment (here: a thread count changed by hand) is named and left out of the pairs.
+    # The bench reads a run's environment history (one entry for a run that never moved).
     summary["environment"]["threads"] += 7
+    summary["environment_history"] = [summary["environment"]]
     (out / "l2" / "seed1" / "run_summary.json").write_text(json.dumps(summary))
     run_bench(spec_path, out_dir=out, progress=False)
     printed = capsys.readouterr().out

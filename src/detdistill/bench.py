@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ConfigError, DistillTermConfig, TeacherConfig, load_config
-from .engine.environment import pairing_key
+from .engine.environment import history_key
 from .report.loss_balance import LossBalance, detection_loss_change, diagnose, loss_balance
 from .report.metrics_log import read_metrics
 from .report.paired import PairedResult, paired_verdict
@@ -131,10 +131,11 @@ def _collect(run_dir: Path) -> dict[str, float] | None:
 
 
 def _environment(run_dir: Path) -> str:
-    """The run's :func:`~detdistill.engine.environment.pairing_key` (from its ``run_summary.json``)."""
+    """The run's :func:`~detdistill.engine.environment.history_key` (from its ``run_summary.json``):
+    one environment's key, or a ``mixed`` key for a run resumed in another environment."""
     summary_path = run_dir / "run_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return pairing_key(summary.get("environment"))
+    return history_key(summary.get("environment_history"), summary.get("environment"))
 
 
 def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] | None = None,

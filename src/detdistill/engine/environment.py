@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["run_environment", "pairing_key", "PAIRING_FIELDS"]
+__all__ = ["run_environment", "pairing_key", "history_key", "extend_history", "PAIRING_FIELDS"]
 
 # The fields that change a run's numbers; python and detdistill versions are recorded but do not
 # enter the key (a detdistill change that alters training shows in its own tests and changelog).
@@ -42,14 +42,14 @@ def run_environment(device: torch.device) -> dict[str, Any]:
     try:
         import torchvision
 
-        tv = torchvision.__version__
+        tv = str(torchvision.__version__)
     except ImportError:  # a DETR- or YOLO-only install may lack it
         tv = "none"
     from .. import __version__
 
     cuda = device.type == "cuda"
     return {
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion, which weights_only checkpoints refuse
         "torchvision": tv,
         "device": device.type,
         "processor": torch.cuda.get_device_name(device) if cuda else _cpu_model(),
@@ -66,3 +66,20 @@ def pairing_key(env: dict[str, Any] | None) -> str:
     if not env:
         return "unrecorded"
     return ", ".join(f"{k} {env.get(k, '?')}" for k in PAIRING_FIELDS)
+
+
+def extend_history(history: list[dict[str, Any]], current: dict[str, Any]) -> list[dict[str, Any]]:
+    """The environments a run has trained in, oldest first, with ``current`` appended when it
+    differs (by :func:`pairing_key`) from the last one. A run resumed on the machine it started on
+    keeps a one-entry history; one resumed elsewhere gets two."""
+    if history and pairing_key(history[-1]) == pairing_key(current):
+        return list(history)
+    return [*history, current]
+
+
+def history_key(history: list[dict[str, Any]] | None, final: dict[str, Any] | None = None) -> str:
+    """The pairing key of a whole run: its one environment's key, or ``"mixed: A, then B"`` when it
+    was resumed in another environment (such a run pairs with no single-environment run).
+    ``final`` stands in for a run written before runs kept a history."""
+    keys = list(dict.fromkeys(pairing_key(env) for env in (history or [final])))
+    return keys[0] if len(keys) == 1 else "mixed: " + ", then ".join(keys)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from .checkpoint import load_checkpoint, remove_stale_temporaries, set_rng_state
 from .device import resolve_device, seed_everything
 from .distributed import DistInfo, init_distributed, wrap_ddp
 from .ema import build_ema
+from .environment import extend_history, pairing_key, run_environment
 from .optim import build_optimizer, build_scheduler
 from .restore import restore_model
 
@@ -56,6 +57,8 @@ class Run:
     loader: DataLoader
     val_ds: EvalDataset
     ema: AveragedModel | None = None  # the weights evaluated and exported, when train.ema
+    # The environments the run has trained in, oldest first, this one last (engine.environment).
+    environments: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -220,8 +223,18 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
                 say(f"note: {ckpt_path} holds no EMA weights; the EMA starts from the resumed weights")
                 ema = build_ema(unwrap(model), cfg.train.ema_decay, cfg.train.ema_warmup_steps)
         say(f"resumed from {ckpt_path} at step {start}")
+        # A checkpoint written before runs kept their environments started in an unknown one ({}).
+        history = list(state.get("environment_history") or [{}])
+        here = run_environment(device)
+        if pairing_key(history[-1]) != pairing_key(here):
+            say(f"WARNING: this run resumes in another environment than it trained in so far ({pairing_key(history[-1])}; "
+                f"now {pairing_key(here)}): its numbers are no longer those of one environment, and a bench pairs it "
+                "with no other run. Rerun it from the start here (--fresh) to pair it.")
     elif isinstance(resume, (str, Path)):
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+    else:
+        history = []
+    environments = extend_history(history, run_environment(device))
 
     if info.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -239,4 +252,4 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
                         persistent_workers=d.workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
     return Run(cfg, device, info, say, train_set, val_set, adapter, model, wrap_ddp(model, info, device), distiller,
                optimizer, scheduler, scaler, make_autocast(cfg, device), start, loader, EvalDataset(val_set, EvalTransform()),
-               ema)
+               ema, environments)

@@ -33,7 +33,7 @@ from ..structures import Batch
 from .checkpoint import rng_state, save_checkpoint
 from .coco_eval import EvalResult
 from .device import peak_memory_mb
-from .environment import run_environment
+from .environment import extend_history, run_environment
 from .distributed import (DistInfo, all_reduce_grads, broadcast_buffers, cleanup, gather_objects, mean_over_ranks,
                           reduce_mean)
 from .evaluate import evaluate
@@ -124,7 +124,8 @@ def _warn_stuck_terms(means: dict[str, float], history: dict[str, list[float]], 
 
 
 def _checkpoint_state(cfg: Config, model: nn.Module, distiller: Distiller | None, optimizer: torch.optim.Optimizer,
-                      scheduler: Any, scaler: Any, step: int, dset: DetectionSet, ema: nn.Module | None = None) -> dict[str, Any]:
+                      scheduler: Any, scaler: Any, step: int, dset: DetectionSet, ema: nn.Module | None = None,
+                      environments: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "model": unwrap(model).state_dict(),
         "ema": ema.state_dict() if ema is not None else {},  # AveragedModel: module.* weights + n_averaged
@@ -138,6 +139,7 @@ def _checkpoint_state(cfg: Config, model: nn.Module, distiller: Distiller | None
         "class_names": list(dset.class_names),
         "category_ids": list(dset.category_ids),
         "detdistill_version": __version__,
+        "environment_history": list(environments or []),  # where it trained so far: a resume elsewhere is flagged
     }
 
 
@@ -168,7 +170,7 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
     def write_ckpt(step: int) -> None:
         if info.is_main:
             save_checkpoint(ckpt_dir / "last.pt", _checkpoint_state(cfg, model, distiller, optimizer, scheduler, scaler, step,
-                                                                    train_set, run.ema))
+                                                                    train_set, run.ema, run.environments))
 
     t0 = time.perf_counter()
     window: dict[str, list[float]] = {}
@@ -238,5 +240,6 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
         (run_dir / "run_summary.json").write_text(json.dumps(
             {"steps": result.steps, "seconds": seconds, "sec_per_step": result.sec_per_step,
              "peak_mem_mb": result.peak_mem_mb, "resumed_from": start, "device": str(run.device),
-             "environment": run_environment(run.device)}, indent=2))
+             "environment": (here := run_environment(run.device)),
+             "environment_history": extend_history(run.environments, here)}, indent=2))
     return result
