@@ -300,3 +300,19 @@ def test_a_frozen_loss_term_is_reported(capsys):
         _warn_stuck_terms({"loss/bbox_regression": 1.0, "loss/classification": 1.0 / step}, history, warned, step * 10,
                           lines.append)
     assert len(lines) == 1 and "loss/bbox_regression" in lines[0] and "reg_bias_init" in lines[0]
+
+
+def test_a_term_before_its_start_is_not_called_dead_but_one_that_never_starts_is_named():
+    from detdistill.engine.train import _warn_never_started, _warn_stuck_terms
+
+    history: dict = {}
+    warned: set = set()
+    started: set = set()
+    lines: list[str] = []
+    for step in range(1, 9):  # csa starts in window 7; cls never does
+        means = {"loss/kd/scalekd/csa": 0.0 if step < 7 else 0.1 / step, "loss/kd/scalekd/cls": 0.0,
+                 "loss/classification": 1.0 / step}
+        _warn_stuck_terms(means, history, warned, step * 10, lines.append, started=started)
+    assert lines == []  # zeros before a start step are not a dead branch
+    _warn_never_started(history, started, lines.append)
+    assert len(lines) == 1 and "loss/kd/scalekd/cls" in lines[0] and "exactly 0 for the whole run" in lines[0]

@@ -105,11 +105,13 @@ def train_one_step(model: nn.Module, adapter: DetectorAdapter, batch: Batch, ste
 
 
 def _warn_stuck_terms(means: dict[str, float], history: dict[str, list[float]], warned: set[str], step: int,
-                      say: Callable[[str], None], span: int = 5) -> None:
+                      say: Callable[[str], None], span: int = 5, started: set[str] | None = None) -> None:
     """Warn once when a loss term has not moved at all over ``span`` logging windows.
 
     A term frozen to the last digit is a dead branch, not a plateau: e.g. FCOS's
     ``relu(bbox_reg)`` collapsing to zero boxes pins ``bbox_regression`` at exactly 1.0.
+    A term at exactly 0 has not started yet (a weight warm-up, ScaleKD's ``csa_start``): it is
+    left to :func:`_warn_never_started` at the end of the run.
     """
     for key, value in means.items():
         if not key.startswith("loss/"):
@@ -117,10 +119,21 @@ def _warn_stuck_terms(means: dict[str, float], history: dict[str, list[float]], 
         hist = history.setdefault(key, [])
         hist.append(value)
         del hist[:-span]
-        if len(hist) == span and max(hist) - min(hist) < 1e-7 and key not in warned:
+        if value != 0.0 and started is not None:
+            started.add(key)
+        if len(hist) == span and max(hist) - min(hist) < 1e-7 and max(map(abs, hist)) > 0 and key not in warned:
             warned.add(key)
             say(f"warning: step {step}: {key} has not changed over the last {span} log windows ({value:.6f}); "
                 "a branch of the model may be dead (for FCOS box regression try model.reg_bias_init: 1.0)")
+
+
+def _warn_never_started(history: dict[str, list[float]], started: set[str], say: Callable[[str], None]) -> None:
+    """Warn about every loss term that was exactly 0 in every logging window of the run: it never
+    reached the loss (a start step past ``train.steps``, or features that never arrived)."""
+    for key in history:
+        if key not in started:
+            say(f"warning: {key} was exactly 0 for the whole run: it never contributed to training "
+                "(check the term's start step or warm-up against train.steps, and its feature pairs)")
 
 
 def _checkpoint_state(cfg: Config, model: nn.Module, distiller: Distiller | None, optimizer: torch.optim.Optimizer,
@@ -176,6 +189,7 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
     window: dict[str, list[float]] = {}
     stuck_history: dict[str, list[float]] = {}
     warned: set[str] = set()
+    started_terms: set[str] = set()  # loss terms seen non-zero: the rest have not started (or never reach the loss)
     step_times: list[float] = []
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     bar = tqdm(total=cfg.train.steps, initial=start, desc=cfg.name, unit="step", disable=not (live_bar(progress) and info.is_main),
@@ -206,7 +220,7 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
                 bar.set_postfix(loss=f"{means['loss']:.3f}")
                 if progress and not live_bar(progress):  # a log file: one plain line per logging window
                     say(plain_progress_line(cfg.name, done, cfg.train.steps, means["loss"], means["sec_per_step"]))
-                _warn_stuck_terms(means, stuck_history, warned, done, say)
+                _warn_stuck_terms(means, stuck_history, warned, done, say, started=started_terms)
                 if logger is not None:
                     logger.log(done, "train", means)
             if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0 and done != end:
@@ -214,6 +228,8 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
                 run_eval(done)
         step = end
+        if end == cfg.train.steps and start == 0:  # a resumed run saw only part of the terms' history
+            _warn_never_started(stuck_history, started_terms, say)
         write_ckpt(end)
         if end == cfg.train.steps:
             final = run_eval(end)
