@@ -316,3 +316,19 @@ def test_a_term_before_its_start_is_not_called_dead_but_one_that_never_starts_is
     assert lines == []  # zeros before a start step are not a dead branch
     _warn_never_started(history, started, lines.append)
     assert len(lines) == 1 and "loss/kd/scalekd/cls" in lines[0] and "exactly 0 for the whole run" in lines[0]
+
+
+def test_a_runaway_kd_term_is_named_once():
+    from detdistill.engine.train import _warn_runaway_terms
+
+    warned: set = set()
+    lines: list[str] = []
+    # The normalised SDF of the ScaleKD bench, steps 10 and 70: 1.18 and 8.9e6 against ~2.1-2.7.
+    _warn_runaway_terms({"loss/classification": 1.0, "loss/bbox_regression": 1.0, "loss/bbox_ctrness": 0.69,
+                         "loss/kd/scalekd/feat": 1.18}, warned, 10, lines.append)
+    assert lines == []
+    for step in (70, 80):
+        _warn_runaway_terms({"loss/classification": 0.45, "loss/bbox_regression": 0.98, "loss/bbox_ctrness": 0.69,
+                             "loss/kd/scalekd/feat": 8.9e6}, warned, step, lines.append)
+    assert len(lines) == 1 and "loss/kd/scalekd/feat" in lines[0] and "step 70" in lines[0]
+    assert "4198113x the detection loss" in lines[0]

@@ -127,6 +127,24 @@ def _warn_stuck_terms(means: dict[str, float], history: dict[str, list[float]], 
                 "a branch of the model may be dead (for FCOS box regression try model.reg_bias_init: 1.0)")
 
 
+def _warn_runaway_terms(means: dict[str, float], warned: set[str], step: int, say: Callable[[str], None],
+                        ratio: float = 100.0) -> None:
+    """Warn once per term when a KD term's window mean exceeds ``ratio`` x the detection loss.
+
+    A term that large is diverging, not teaching: e.g. a ``normalize: true`` factor of ~10^3 on a
+    term whose own modules train by SGD (ScaleKD's SDF branches) multiplies their step size by it.
+    Under ``train.grad_clip`` the runaway gradient also scales the student's detection gradients
+    down to nothing, so the detection loss stalls while the run looks alive.
+    """
+    task = sum(v for k, v in means.items() if k.startswith("loss/") and not k.startswith("loss/kd/"))
+    for key, value in means.items():
+        if key.startswith("loss/kd/") and task > 0 and abs(value) > ratio * task and key + ":runaway" not in warned:
+            warned.add(key + ":runaway")
+            say(f"warning: step {step}: {key} is {value:.3g}, {abs(value) / task:.0f}x the detection loss ({task:.3g}): "
+                "the term is diverging and drowns the task's gradients (under grad_clip too). Lower its weight, "
+                "drop `normalize`, or add `warmup_steps`")
+
+
 def _warn_never_started(history: dict[str, list[float]], started: set[str], say: Callable[[str], None]) -> None:
     """Warn about every loss term that was exactly 0 in every logging window of the run: it never
     reached the loss (a start step past ``train.steps``, or features that never arrived)."""
@@ -221,6 +239,7 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
                 if progress and not live_bar(progress):  # a log file: one plain line per logging window
                     say(plain_progress_line(cfg.name, done, cfg.train.steps, means["loss"], means["sec_per_step"]))
                 _warn_stuck_terms(means, stuck_history, warned, done, say, started=started_terms)
+                _warn_runaway_terms(means, warned, done, say)
                 if logger is not None:
                     logger.log(done, "train", means)
             if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0 and done != end:
