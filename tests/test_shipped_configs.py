@@ -52,5 +52,5 @@ def test_the_scalekd_bench_leaves_the_assistants_own_loss_out_of_the_kd_share():
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "configs" / "bench_aerial_scalekd.yaml")
     parts = {m.name: _assistant_parts(m) for m in spec.methods}
-    assert parts["sdf_csa"] == parts["sdf_csa_2x"] == parts["sdf_csa_norm"] == parts["sdf_csa_tkv"] == {"scalekd/csa"}
-    assert parts["alone"] == parts["sdf"] == parts["pkd"] == parts["sdf_norm"] == set()
+    assert parts["sdf_csa"] == parts["sdf_csa_2x"] == parts["sdf_csa_tkv"] == {"scalekd/csa"}
+    assert parts["alone"] == parts["sdf"] == parts["pkd"] == set()
