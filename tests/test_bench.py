@@ -155,3 +155,15 @@ def test_bench_runs_reports_and_resumes(tiny_config, tiny_config_yaml, tmp_path,
     report = (out / "results.md").read_text()
     assert "WARNING: the runs come from 2 environments" in printed and "(l2 seed 1)" in report
     assert json.loads((out / "results.json").read_text())["paired"]["l2"]["n"] == 1
+
+
+def test_a_runs_warnings_reach_the_bench_console_and_its_log(tmp_path, capsys):
+    from detdistill.bench import _train_in_subprocess
+
+    script = "import sys; print('step 10 loss 2.6'); print('warning: step 70: loss/kd/x is 8.9e+06'); sys.exit(3)"
+    log = tmp_path / "train.log"
+    log.write_text("earlier attempt\n")
+    rc = _train_in_subprocess([sys.executable, "-c", script], log, "sdf seed 0")
+    assert rc == 3
+    assert log.read_text() == "earlier attempt\nstep 10 loss 2.6\nwarning: step 70: loss/kd/x is 8.9e+06\n"
+    assert capsys.readouterr().out == "    sdf seed 0: warning: step 70: loss/kd/x is 8.9e+06\n"

@@ -138,6 +138,22 @@ def _environment(run_dir: Path) -> str:
     return history_key(summary.get("environment_history"), summary.get("environment"))
 
 
+def _train_in_subprocess(cmd: list[str], log_path: Path, label: str) -> int:
+    """Run one training command with its output appended to ``log_path``, echoing its warning
+    lines (a dead or runaway loss term, a resume in another environment) to this console: a
+    bench runs for hours, and a diverging run should not wait for the report to be noticed.
+    Returns the exit code."""
+    with open(log_path, "a") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if line.lstrip().lower().startswith("warning"):
+                log.flush()
+                print(f"    {label}: {line.strip()}", flush=True)
+        return proc.wait()
+
+
 def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] | None = None,
               methods: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or continue) the selected methods x seeds, then report on every finished run.
@@ -164,8 +180,7 @@ def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] 
         cfg_path = _run_config(spec, method, seed, run_dir)
         print(f"[{k}/{total}] {method.name} seed {seed}: training in {run_dir}", flush=True)
         cmd = [sys.executable, "-m", "detdistill.cli", "train", str(cfg_path)] + ([] if progress else ["--quiet"])
-        with open(run_dir / "train.log", "a") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        rc = _train_in_subprocess(cmd, run_dir / "train.log", f"{method.name} seed {seed}")
         if rc != 0 or _collect(run_dir) is None:
             raise RuntimeError(f"run {method.name} seed {seed} failed (exit {rc}); see {run_dir / 'train.log'}")
     rows = []
