@@ -156,3 +156,16 @@ def test_advice_leaves_out_what_the_terms_already_do():
     # a method with one normalised and one plain term still gets the normalize advice
     (finding,) = diagnose(strong, base, [normalised, plain])
     assert finding.endswith("set `normalize: true`")
+
+
+def test_a_method_that_declares_normalising_unsuitable_gets_its_reason_not_the_advice():
+    from detdistill.distill.methods import METHODS
+
+    base = {0: _bal(1.0, 0.0)}
+    sdf = DistillTermConfig(method="scalekd", params={"use_csa": False})
+    (finding,) = diagnose({0: _bal(1.0, 0.0005)}, base, [sdf])
+    assert "set `normalize: true`" not in finding
+    assert finding.endswith(f"raise the weight ({METHODS.get('scalekd').normalize_caveat})")
+    assert "diverged" in finding
+    # every other shipped method may be normalised: none declares a caveat
+    assert [n for n in METHODS.names() if METHODS.get(n).normalize_caveat] == ["scalekd"]

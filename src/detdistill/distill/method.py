@@ -134,6 +134,9 @@ class DistillMethod(nn.Module):
     #: and tests; the method itself checks when it is built.
     student_requires: ClassVar[str | None] = None
     teacher_requires: ClassVar[str | None] = None
+    #: Why ``normalize: true`` does not suit the method (``None``: it does). The bench's loss-balance
+    #: advice gives this reason in place of suggesting it.
+    normalize_caveat: ClassVar[str | None] = None
     #: The keys :meth:`forward` returns (``""``: a single unnamed part). A method whose parts depend
     #: on its params sets this on the instance in ``__init__``. The Distiller checks every step's
     #: keys against it and keeps one ``normalize`` factor per part.

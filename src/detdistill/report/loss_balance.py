@@ -170,15 +170,20 @@ def _advice(terms: Sequence[DistillTermConfig], weaker: bool) -> str:
     """What to change, leaving out what every term already does."""
     normalised = bool(terms) and all(t.normalize for t in terms)
     ramped = bool(terms) and all(t.warmup_steps > 0 for t in terms)
+    caveats: list[str] = []
+    if terms:
+        from ..distill.methods import METHODS  # torch-heavy: only when the advice concerns KD terms
+
+        caveats = list(dict.fromkeys(c for t in terms if (c := METHODS.get(t.method).normalize_caveat)))
     options = ["lower the weight" if weaker else "raise the weight"]
     if weaker and not ramped:
         options.append("add a `warmup_steps` ramp")
-    if not normalised:
+    if not normalised and not caveats:
         options.append("set `normalize: true`")
     text = options[0] if len(options) == 1 else ", ".join(options[:-1]) + " or " + options[-1]
     if normalised:
         text += " (the terms are normalised: each starts at `weight` times the detection loss)"
-    return text
+    return text + "".join(f" ({c})" for c in caveats)
 
 
 def _residual_note(term: str, runs: Sequence[LossBalance]) -> str:

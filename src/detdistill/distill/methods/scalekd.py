@@ -79,6 +79,8 @@ class ScaleKD(DistillMethod):
     family = "scale"
     default_weight = 1.0  # alpha, beta, gamma and csa_weight weigh the parts
     paper = "Zhu et al., ScaleKD (CVPR 2023): scale-decoupled features + cross-scale assistant"
+    normalize_caveat = ("normalising does not suit `scalekd`: its factor (thousands at alpha 0.01) is also the SGD "
+                        "step of the SDF's own branches, and the normalised SDF diverged on aerial-cars (docs/methods.md)")
 
     @classmethod
     def needs(cls, term: DistillTermConfig) -> Needs:
