@@ -489,3 +489,13 @@ def test_parts_other_than_the_declared_ones_raise_naming_the_term(adapter, build
     with pytest.raises(RuntimeError, match=r"'pkd_fpn' \(pkd\) returned parts \[''\], but declares part_names \['feat'\]"):
         train_one_step(student, adapter, batch_maker(seed=0), 0, optimizer=opt, scheduler=sched, distiller=distiller)
     distiller.remove_hooks()
+
+
+def test_a_normalised_term_of_a_method_that_declares_it_unsuitable_is_warned_at_build():
+    from detdistill.distill.distiller import normalize_caveats
+
+    sdf = DistillTermConfig(method="scalekd", normalize=True, params={"use_csa": False})
+    pkd = DistillTermConfig(method="pkd", normalize=True, pairs=[["neck.p3", "neck.p3"]])
+    (line,) = normalize_caveats([sdf, pkd])
+    assert line.startswith("WARNING: distill term 'scalekd' sets `normalize: true`") and "diverged" in line
+    assert normalize_caveats([DistillTermConfig(method="scalekd", params={"use_csa": False}), pkd]) == []

@@ -17,6 +17,7 @@ modules: trained with the student, never exported with it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,13 @@ class Teacher:
     adapter: DetectorAdapter
     input_scale: float = 1.0
     class_names: list[str] | None = None
+
+
+def normalize_caveats(terms: Sequence[DistillTermConfig]) -> list[str]:
+    """One warning per ``normalize: true`` term whose method declares that normalising does not
+    suit it (``DistillMethod.normalize_caveat``), naming the term."""
+    return [f"WARNING: distill term {t.label!r} sets `normalize: true`, but {caveat}"
+            for t in terms if t.normalize and (caveat := METHODS.get(t.method).normalize_caveat)]
 
 
 class Distiller(nn.Module):

@@ -24,7 +24,7 @@ from ..data.dataset import EvalDataset, StepBatchSampler, TrainDataset, collate
 from ..data.sample import DetectionSet
 from ..data.splits import load_split
 from ..data.transforms import EvalTransform, train_transform
-from ..distill.distiller import Distiller, Teacher
+from ..distill.distiller import Distiller, Teacher, normalize_caveats
 from ..modules import unwrap
 from .checkpoint import load_checkpoint, remove_stale_temporaries, set_rng_state
 from .device import resolve_device, seed_everything
@@ -186,6 +186,8 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
                     f"differ from the data's {train_set.num_classes} ({_names(train_set.class_names)}); "
                     "feature KD still works, logit KD refuses")
             distiller = Distiller(model, adapter, cfg.distill, teacher, num_classes=train_set.num_classes).to(device)
+        for line in normalize_caveats(cfg.distill):
+            say(line)
     params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
     optimizer = build_optimizer(cfg.train, params, distiller.optimizer_overrides() if distiller is not None else ())
     scheduler = build_scheduler(cfg.train, optimizer)
@@ -199,6 +201,7 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
     ema = build_ema(unwrap(model), cfg.train.ema_decay, cfg.train.ema_warmup_steps) if cfg.train.ema else None
     start = 0
     ckpt_path = Path(resume) if isinstance(resume, (str, Path)) else cfg.run_dir / "checkpoints" / "last.pt"
+    here = run_environment(device)  # recorded with every checkpoint; a resume elsewhere is flagged
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
         check_resumable(state, cfg, train_set.class_names, ckpt_path, explicit=isinstance(resume, (str, Path)))
@@ -225,7 +228,6 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
         say(f"resumed from {ckpt_path} at step {start}")
         # A checkpoint written before runs kept their environments started in an unknown one ({}).
         history = list(state.get("environment_history") or [{}])
-        here = run_environment(device)
         if pairing_key(history[-1]) != pairing_key(here):
             say(f"WARNING: this run resumes in another environment than it trained in so far ({pairing_key(history[-1])}; "
                 f"now {pairing_key(here)}): its numbers are no longer those of one environment, and a bench pairs it "
@@ -234,7 +236,7 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
     else:
         history = []
-    environments = extend_history(history, run_environment(device))
+    environments = extend_history(history, here)
 
     if info.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
