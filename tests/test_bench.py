@@ -12,7 +12,9 @@ import torch
 import yaml
 from scipy import stats
 
-from detdistill.bench import paired_runs, run_bench, teacher_check, verdicts
+from detdistill.bench import (_check_unchanged, _run_config, config_drift, load_spec, paired_runs, run_bench, teacher_check,
+                              verdicts)
+from detdistill.config import ConfigError
 from detdistill.engine.environment import pairing_key, run_environment
 from detdistill.engine.train import train
 from detdistill.report.paired import paired_verdict
@@ -167,3 +169,38 @@ def test_a_runs_warnings_reach_the_bench_console_and_its_log(tmp_path, capsys):
     assert rc == 3
     assert log.read_text() == "earlier attempt\nstep 10 loss 2.6\nwarning: step 70: loss/kd/x is 8.9e+06\n"
     assert capsys.readouterr().out == "    sdf seed 0: warning: step 70: loss/kd/x is 8.9e+06\n"
+
+
+def test_config_drift_names_each_changed_key():
+    recorded = {"model": {"reg_bias_init": None, "arch": "fcos"}, "distill": [{"method": "l2", "weight": 1.0}], "old": 1}
+    current = {"model": {"reg_bias_init": 1.0, "arch": "fcos"}, "distill": [{"method": "l2", "weight": 0.3}], "new": 2}
+    assert config_drift(recorded, current) == ["model.reg_bias_init: None -> 1.0", "distill.0.weight: 1.0 -> 0.3",
+                                               "old: 1 -> '<absent>'", "new: '<absent>' -> 2"]
+    assert config_drift(recorded, recorded) == []
+    assert config_drift({"pairs": [[1, 2]]}, {"pairs": [[1, 2], [3, 4]]}) == ["pairs: [[1, 2]] -> [[1, 2], [3, 4]]"]
+
+
+def test_an_edited_spec_refuses_the_runs_of_the_old_one(tiny_config_yaml, tmp_path):
+    """A spec changed after runs trained must not skip them as done, resume them, or pair them
+    with runs of the new spec: the bench names the run and the keys that changed."""
+    student_cfg = tiny_config_yaml("student.yaml", train__steps=2)
+    spec = {"name": "edited", "student_config": str(student_cfg), "seeds": [0], "methods": [{"name": "alone"}]}
+    spec_path = tmp_path / "bench.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "bench_out"
+    loaded = load_spec(spec_path)
+    _run_config(loaded, loaded.methods[0], 0, out / "alone" / "seed0")  # as the bench records a run before it trains
+    lr = yaml.safe_load((out / "alone" / "seed0" / "bench_config.yaml").read_text())["train"]["lr"]
+
+    spec["overrides"] = [f"train.lr={lr * 2}"]
+    spec_path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=rf"alone seed 0 .*train\.lr: {lr} -> {lr * 2}.*Move that folder away"):
+        run_bench(spec_path, out_dir=out, progress=False)
+    assert not (out / "alone" / "seed0" / "train.log").exists()  # refused before anything trained
+
+    # The unchanged spec accepts its runs wherever the bench folder now lives (name, output_dir are not settings).
+    spec["overrides"] = []
+    spec_path.write_text(yaml.safe_dump(spec))
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    _check_unchanged(load_spec(spec_path), loaded.methods[0], 0, moved / "alone" / "seed0")

@@ -14,7 +14,9 @@ A benchmark spec is a flat YAML file::
 
 Every (method, seed) run trains in its own subprocess (so peak memory is per run) under
 ``<out>/<method>/seed<k>``; a finished run is skipped and an interrupted one resumes from
-its last checkpoint, so an interrupted bench continues where it stopped. The report holds
+its last checkpoint, so an interrupted bench continues where it stopped. A run whose recorded
+config (``bench_config.yaml``) differs from what the spec gives now is refused, with the keys
+that differ: an edited spec never pairs old runs with new ones. The report holds
 AP, AP50, AP75, APs, APm, APl as mean ± std over seeds, seconds per training step and
 peak memory, a bar plot with error bars, a paired plot (a line per seed from the baseline
 to the method), and a **paired verdict** per method on ``primary_metric``: the per-seed gains
@@ -86,8 +88,8 @@ def load_spec(path: Path) -> BenchSpec:
     return spec
 
 
-def _run_config(spec: BenchSpec, method: BenchMethod, seed: int, run_dir: Path) -> Path:
-    """Write the fully resolved config of one run and return its path."""
+def _resolved_run_config(spec: BenchSpec, method: BenchMethod, seed: int, run_dir: Path) -> dict[str, Any]:
+    """The fully resolved config of one run, as the spec gives it now (a plain dict, as saved)."""
     cfg = load_config(spec.student_config, [*spec.overrides, *method.overrides, f"seed={seed}"])
     cfg = cfg.model_copy(update={"name": f"{method.name}_seed{seed}", "output_dir": str(run_dir),
                                  "distill": method.distill})
@@ -99,10 +101,52 @@ def _run_config(spec: BenchSpec, method: BenchMethod, seed: int, run_dir: Path) 
         if spec.teacher_checkpoint:
             scale = method.teacher_input_scale if method.teacher_input_scale is not None else spec.teacher_input_scale
             cfg = cfg.model_copy(update={"teacher": TeacherConfig(checkpoint=spec.teacher_checkpoint, input_scale=scale)})
+    resolved: dict[str, Any] = json.loads(cfg.model_dump_json())
+    return resolved
+
+
+def _run_config(spec: BenchSpec, method: BenchMethod, seed: int, run_dir: Path) -> Path:
+    """Write the fully resolved config of one run and return its path."""
+    resolved = _resolved_run_config(spec, method, seed, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "bench_config.yaml"
-    path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    path.write_text(yaml.safe_dump(resolved, sort_keys=False))
     return path
+
+
+def config_drift(recorded: Any, current: Any, key: str = "") -> list[str]:
+    """Every dotted key whose value differs between a run's recorded config and the current one,
+    as ``key: recorded -> current`` (``<absent>`` for a key one side lacks)."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        return [line for k in [*recorded, *(k for k in current if k not in recorded)]
+                for line in config_drift(recorded.get(k, "<absent>"), current.get(k, "<absent>"),
+                                         f"{key}.{k}" if key else str(k))]
+    if isinstance(recorded, list) and isinstance(current, list) and len(recorded) == len(current):
+        return [line for i, (r, c) in enumerate(zip(recorded, current)) for line in config_drift(r, c, f"{key}.{i}")]
+    return [] if recorded == current else [f"{key}: {recorded!r} -> {current!r}"]
+
+
+def _check_unchanged(spec: BenchSpec, method: BenchMethod, seed: int, run_dir: Path) -> None:
+    """Refuse a run folder whose recorded config is not what the spec gives now.
+
+    Without this, a spec edited after some runs finished (a new student config, a changed
+    override) would skip those runs as done, or resume them from a checkpoint of the old
+    config, and pair them with runs of the new one: a verdict between two different setups.
+    """
+    recorded_path = run_dir / "bench_config.yaml"
+    if not recorded_path.is_file():
+        return
+    recorded, current = yaml.safe_load(recorded_path.read_text()), _resolved_run_config(spec, method, seed, run_dir)
+    for identity in ("name", "output_dir"):  # where the run lives, not how it trains: a moved bench folder still pairs
+        recorded.pop(identity, None)
+        current.pop(identity, None)
+    drift = config_drift(recorded, current)
+    if drift:
+        shown = "; ".join(drift[:6]) + (f"; and {len(drift) - 6} more" if len(drift) > 6 else "")
+        raise ConfigError(
+            f"bench run {method.name} seed {seed} ({run_dir}) was trained with another config than the spec gives "
+            f"now ({shown}). Move that folder away (or give the bench a new `name`) to train it afresh, or restore "
+            "the spec it ran with.")
 
 
 def _teacher_metrics(spec: BenchSpec, out: Path) -> dict[str, float] | None:
@@ -174,6 +218,7 @@ def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] 
     total = len(todo) * len(run_seeds)
     for k, (method, seed) in enumerate(((m, s) for m in todo for s in run_seeds), start=1):
         run_dir = out / method.name / f"seed{seed}"
+        _check_unchanged(spec, method, seed, run_dir)
         if _collect(run_dir) is not None:
             print(f"[{k}/{total}] {method.name} seed {seed}: done already, skipping", flush=True)
             continue
@@ -189,6 +234,8 @@ def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] 
     environments: dict[str, dict[int, str]] = {}
     for method in spec.methods:
         found = {s: m for s in sorted(set(spec.seeds) | set(run_seeds)) if (m := _collect(out / method.name / f"seed{s}"))}
+        for s in found:  # the report pairs only runs of the spec as it stands
+            _check_unchanged(spec, method, s, out / method.name / f"seed{s}")
         if found:
             per_seed[method.name] = found
             environments[method.name] = {s: _environment(out / method.name / f"seed{s}") for s in found}
