@@ -114,10 +114,12 @@ def test_bench_runs_reports_and_resumes(tiny_config, tiny_config_yaml, tmp_path,
     report = (out / "results.md").read_text()
     assert "Teacher AP" in report and "Paired verdict on AP" in report and "fewer than 3 paired seeds" in report
     assert "Per-seed AP gain over `alone`" in report
+    assert "Paired gain over `alone` on each metric" in report and "| name | AP | AP75 | APs | APm |" in report
     # The loss-balance section reads every finished run's training log.
     assert "Loss balance" in report and "| l2 | 2 |" in report and "| alone | 2 |" in report
     saved = json.loads((out / "results.json").read_text())
     assert saved["seeds"] == [0, 1] and saved["paired"]["l2"]["n"] == 2 and saved["paired"]["l2"]["verdict"] == "no claim"
+    assert saved["paired_by_metric"]["APm"]["l2"]["n"] == 2 and list(saved["paired_by_metric"]) == ["AP", "AP75", "APs", "APm"]
     assert set(saved["findings"]) == {"l2"}  # diagnosed: it does not beat the baseline; the baseline is not
     # The distilled runs really distilled: their config carries the teacher and the term.
     run_cfg = yaml.safe_load((out / "l2" / "seed1" / "bench_config.yaml").read_text())
@@ -204,3 +206,17 @@ def test_an_edited_spec_refuses_the_runs_of_the_old_one(tiny_config_yaml, tmp_pa
     moved = tmp_path / "moved"
     out.rename(moved)
     _check_unchanged(load_spec(spec_path), loaded.methods[0], 0, moved / "alone" / "seed0")
+
+
+def test_the_report_pairs_every_reported_metric_primary_first():
+    from detdistill.bench import _gain_cell, paired_metrics
+
+    assert paired_metrics("AP/car") == ["AP/car", "AP", "AP75", "APs", "APm"]
+    assert paired_metrics("AP") == ["AP", "AP75", "APs", "APm"]
+    base = {100: 38.9, 101: 42.4, 102: 38.1}
+    worse_small = paired_verdict(base, {100: 33.9, 101: 37.1, 102: 33.4})  # a loss on every seed
+    assert _gain_cell(worse_small) == "-5.0 ± 0.3 (0 / 3, p < 0.01)" and worse_small.p_less < 0.01
+    mixed = paired_verdict(base, {100: 44.1, 101: 38.2, 102: 41.0})
+    assert _gain_cell(mixed) == f"+1.3 ± 4.9 (2 / 1, p {mixed.p_greater:.2f})" and 0.3 < mixed.p_greater < 0.4
+    assert _gain_cell(paired_verdict(base, {100: 40.0})) == "+1.1 (1 seed)"
+    assert _gain_cell(paired_verdict(base, {})) == "—"

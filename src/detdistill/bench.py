@@ -288,6 +288,24 @@ def paired_runs(per_seed: dict[str, dict[int, dict[str, float]]], baseline: str,
             for name, runs in per_seed.items()}
 
 
+PAIRED_METRICS = ["AP", "AP75", "APs", "APm"]  # besides the primary metric: overall, strict, by size
+
+
+def paired_metrics(primary: str) -> list[str]:
+    """The metrics the report gives paired gains on: the primary one first."""
+    return [primary] + [m for m in PAIRED_METRICS if m != primary]
+
+
+def _gain_cell(v: PairedResult) -> str:
+    if v.n == 0:
+        return "—"
+    if v.n == 1:
+        return f"{v.mean_gain:+.1f} (1 seed)"
+    p = v.p_greater if v.mean_gain >= 0 else v.p_less
+    shown = "p < 0.01" if p < 0.01 else f"p {p:.2f}"
+    return f"{v.mean_gain:+.1f} ± {v.std_gain:.1f} ({v.wins} / {v.losses}, {shown})"
+
+
 TEACHER_MARGIN_STDS = 2.0  # the teacher must lead the student alone by this many seed stds
 
 
@@ -330,6 +348,7 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
     lines.append(markdown_table(rows, cols))
     env_groups = _environment_section(environments or {}, spec.baseline, lines)
     paired: dict[str, PairedResult] = {}
+    by_metric: dict[str, dict[str, PairedResult]] = {}
     if base is not None and per_seed:
         pm = spec.primary_metric
         paired = verdicts(per_seed, spec.baseline, pm, environments)
@@ -339,6 +358,11 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
         gain_rows = [{"name": name, **{f"seed {s}": g for s, g in v.gains.items()}} for name, v in paired.items()]
         gain_cols = ["name"] + [f"seed {s}" for s in seeds if any(f"seed {s}" in r for r in gain_rows)]
         lines += ["", f"Per-seed {pm} gain over `{spec.baseline}`:", "", markdown_table(gain_rows, gain_cols)]
+        by_metric = {m: verdicts(per_seed, spec.baseline, m, environments) for m in paired_metrics(pm)}
+        lines += ["", f"Paired gain over `{spec.baseline}` on each metric: mean ± std of the per-seed gains "
+                  "(wins / losses, one-sided p toward the sign of the mean):", "",
+                  markdown_table([{"name": name, **{m: _gain_cell(by_metric[m][name]) for m in by_metric}}
+                                  for name in paired], ["name", *by_metric])]
         pairable = paired_runs(per_seed, spec.baseline, environments)
         plot_paired({n: {s: m.get(pm, math.nan) for s, m in runs.items()} for n, runs in pairable.items()},
                     spec.baseline, pm, out / "paired.png", f"{spec.name}: {pm} per seed, {spec.baseline} -> method")
@@ -349,7 +373,10 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
         {"rows": rows, "teacher": teacher, "seeds": seeds,
          "findings": findings, "environments": env_groups,
          "paired": {n: {**{k: getattr(v, k) for k in ("n", "mean_gain", "std_gain", "wins", "losses", "t", "p_greater",
-                                                       "p_less", "verdict")}, "gains": v.gains} for n, v in paired.items()}},
+                                                       "p_less", "verdict")}, "gains": v.gains} for n, v in paired.items()},
+         "paired_by_metric": {m: {n: {k: getattr(v, k) for k in ("n", "mean_gain", "std_gain", "wins", "losses", "p_greater",
+                                                                  "p_less")} for n, v in res.items()}
+                              for m, res in by_metric.items()}},
         indent=2, default=str))
     plot_bars(rows, ["AP", "AP50", "AP75", "APs", "APm"] + extra, out / "bars.png", f"{spec.name}: mean ± std over {len(seeds)} seeds")
     print(format_metrics_table(rows, cols, title=f"{spec.name} (mean ± std over seeds {seeds})"))
