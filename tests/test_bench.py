@@ -199,6 +199,15 @@ def test_an_edited_spec_refuses_the_runs_of_the_old_one(tiny_config_yaml, tmp_pa
     with pytest.raises(ConfigError, match=rf"alone seed 0 .*train\.lr: {lr} -> {lr * 2}.*Move that folder away"):
         run_bench(spec_path, out_dir=out, progress=False)
     assert not (out / "alone" / "seed0" / "train.log").exists()  # refused before anything trained
+    # A finished stale run (as if trained under the old spec) is refused by the report too, when
+    # only another method runs now: it is never skipped as done and paired.
+    (out / "alone" / "seed0" / "final_metrics.json").write_text(json.dumps({"AP": 1.0}))
+    spec["methods"].append({"name": "other"})
+    spec_path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"alone seed 0 .*train\.lr"):
+        run_bench(spec_path, out_dir=out, methods=["other"], progress=False)
+    assert (out / "other" / "seed0" / "final_metrics.json").is_file()  # the selected method trained first
+    spec["methods"].pop()
 
     # The unchanged spec accepts its runs wherever the bench folder now lives (name, output_dir are not settings).
     spec["overrides"] = []

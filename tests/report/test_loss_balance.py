@@ -169,4 +169,3 @@ def test_a_method_that_declares_normalising_unsuitable_gets_its_reason_not_the_a
     assert "diverged" in finding
     # every other shipped method may be normalised: none declares a caveat
     assert [n for n in METHODS.names() if METHODS.get(n).normalize_caveat] == ["scalekd"]
-
