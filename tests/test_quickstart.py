@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from detdistill.quickstart import run_quickstart, sample_dir
+from detdistill.quickstart import QUICKSTART_KD, QUICKSTART_KD_LABEL, run_quickstart, sample_dir
 
 
 def test_quickstart_trains_teacher_student_and_distilled_student(tmp_path, capsys, single_thread):
@@ -12,21 +12,21 @@ def test_quickstart_trains_teacher_student_and_distilled_student(tmp_path, capsy
     for row in rows:
         assert 0.0 <= row["AP"] <= 100.0 and row["s/step"] > 0
     out = capsys.readouterr().out
-    assert "student + PKD" in out and "AP/car" in out
+    assert QUICKSTART_KD_LABEL in out and "AP/car" in out
     assert "distillation vs the student alone: AP/car" in out  # the gain, printed
     assert (tmp_path / "comparison.png").stat().st_size > 0  # one figure of the three runs
-    # PKD is scaled to the task loss at its first step (weight 1 x a factor fixed then, checkpointed)
+    # The KD term is scaled to the task loss at its first step (weight 1 x a factor fixed then, checkpointed)
     import math
 
     from detdistill.engine.checkpoint import load_checkpoint
 
-    scales = load_checkpoint(tmp_path / "student_pkd" / "checkpoints" / "last.pt")["distiller"]["kd_scales"]
+    scales = load_checkpoint(tmp_path / "student_kd" / "checkpoints" / "last.pt")["distiller"]["kd_scales"]
     assert scales.shape == (1,) and math.isfinite(float(scales[0])) and float(scales[0]) > 0
     # The distilled student really distilled, and its export holds no connector weights.
-    metrics = (tmp_path / "student_pkd" / "metrics.jsonl").read_text()
-    assert '"loss/kd/pkd"' in metrics
+    metrics = (tmp_path / "student_kd" / "metrics.jsonl").read_text()
+    assert f'"loss/kd/{QUICKSTART_KD["method"]}' in metrics
     from safetensors.torch import load_file
 
-    exported = load_file(str(tmp_path / "student_pkd" / "export" / "model.safetensors"))
+    exported = load_file(str(tmp_path / "student_kd" / "export" / "model.safetensors"))
     plain = load_file(str(tmp_path / "student" / "export" / "model.safetensors"))
     assert set(exported) == set(plain)  # same architecture as the student alone: no connectors

@@ -3,7 +3,7 @@
 Short API (the CLI is a thin layer over it)::
 
     import detdistill as dd
-    cfg = dd.load_config("configs/aerial_student_pkd.yaml", ["train.steps=200"])
+    cfg = dd.load_config("configs/aerial_student_fcos_r18_pkd.yaml", ["train.steps=200"])
     result = dd.train(cfg)             # distils when the config has `teacher` + `distill`
     print(result.final.AP, result.run_dir)
 """
