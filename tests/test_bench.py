@@ -124,6 +124,15 @@ def test_bench_runs_reports_and_resumes(tiny_config, tiny_config_yaml, tmp_path,
     # The distilled runs really distilled: their config carries the teacher and the term.
     run_cfg = yaml.safe_load((out / "l2" / "seed1" / "bench_config.yaml").read_text())
     assert run_cfg["teacher"]["checkpoint"].endswith("last.pt") and run_cfg["distill"][0]["method"] == "l2"
+    # The teacher is recorded with the results; one that scores differently now (retrained or
+    # replaced at the same path) is refused before anything trains, naming what changed.
+    recorded = json.loads((out / "teacher_metrics.json").read_text())
+    assert recorded == json.loads((teacher.run_dir / "final_metrics.json").read_text())
+    changed = {**recorded, "AP": recorded["AP"] + 1.0}
+    (teacher.run_dir / "final_metrics.json").write_text(json.dumps(changed))
+    with pytest.raises(ConfigError, match=r"not the one this bench's runs distilled from.*AP: .* -> .*Restore that teacher"):
+        run_bench(spec_path, out_dir=out, progress=False)
+    (teacher.run_dir / "final_metrics.json").write_text(json.dumps(recorded))
 
     # A second call finds every run finished and trains nothing.
     stamp = (out / "alone" / "seed0" / "final_metrics.json").stat().st_mtime_ns

@@ -150,16 +150,30 @@ def _check_unchanged(spec: BenchSpec, method: BenchMethod, seed: int, run_dir: P
 
 
 def _teacher_metrics(spec: BenchSpec, out: Path) -> dict[str, float] | None:
+    """The teacher's val metrics as the bench first saw them (``teacher_metrics.json`` in the
+    bench folder, kept with the results), or its run's ``final_metrics.json`` the first time.
+
+    A run's recorded config names the teacher by its path only. A teacher retrained at that path
+    (its checkpoints are too large to keep, so a later session retrains it) or replaced there is
+    another teacher unless it scores the same: its KD runs would not pair with the ones distilled
+    from the first. So a teacher whose metrics differ from the recorded ones is refused, by name.
+    """
     if not spec.teacher_checkpoint:
         return None
     cached = out / "teacher_metrics.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
     final = Path(spec.teacher_checkpoint).parent.parent / "final_metrics.json"
-    if final.is_file():
+    recorded = json.loads(cached.read_text()) if cached.is_file() else None
+    current = json.loads(final.read_text()) if final.is_file() else None
+    if recorded is not None and current is not None and recorded != current:
+        drift = config_drift(recorded, current)
+        shown = "; ".join(drift[:4]) + (f"; and {len(drift) - 4} more" if len(drift) > 4 else "")
+        raise ConfigError(
+            f"the teacher at {spec.teacher_checkpoint} is not the one this bench's runs distilled from: its run's "
+            f"final_metrics.json differs from {cached} ({shown}). It was retrained or replaced; KD runs from two "
+            "teachers do not pair. Restore that teacher, or give the bench a new `name` (or move its folder away).")
+    if recorded is None and current is not None:
         cached.write_text(final.read_text())
-        return json.loads(final.read_text())
-    return None
+    return recorded if recorded is not None else current
 
 
 def _collect(run_dir: Path) -> dict[str, float] | None:
@@ -215,6 +229,7 @@ def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] 
     todo = [m for m in spec.methods if not methods or m.name in methods]
     out = out_dir or Path(spec.output_dir.format(name=spec.name))
     out.mkdir(parents=True, exist_ok=True)
+    _teacher_metrics(spec, out)  # record the teacher before any run distils from it, or refuse a changed one
     total = len(todo) * len(run_seeds)
     for k, (method, seed) in enumerate(((m, s) for m in todo for s in run_seeds), start=1):
         run_dir = out / method.name / f"seed{seed}"
