@@ -155,7 +155,9 @@ def plot_bars(rows: list[dict], metric_keys: list[str], out: Path, title: str) -
             stds.append(float(s) if _finite(s) else 0.0)
         xs = group - 0.4 + width * (i + 0.5)
         # nan heights draw nothing, which is the right rendering for an undefined metric.
-        bars = ax.bar(xs, means, width, yerr=stds, capsize=3, label=str(row.get("name", i)), color=f"C{i % 10}")
+        # single runs (no std) get no error bars: a zero-height cap reads as a measured spread
+        spread = stds if any(s > 0 for s in stds) else None
+        bars = ax.bar(xs, means, width, yerr=spread, capsize=3, label=str(row.get("name", i)), color=f"C{i % 10}")
         ax.bar_label(bars, labels=["" if math.isnan(m) else f"{m:.1f}" for m in means], fontsize=7, padding=2)
     ax.set_xticks(group)
     ax.set_xticklabels(metric_keys)
