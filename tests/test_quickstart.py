@@ -15,7 +15,7 @@ def test_quickstart_trains_teacher_student_and_distilled_student(tmp_path, capsy
     assert QUICKSTART_KD_LABEL in out and "AP/car" in out
     assert "distillation vs the student alone: AP/car" in out  # the gain, printed
     assert (tmp_path / "comparison.png").stat().st_size > 0  # one figure of the three runs
-    # The KD term is scaled to the task loss at its first step (weight 1 x a factor fixed then, checkpointed)
+    # The KD term is scaled to the task loss at its first step (its weight x a factor fixed then, checkpointed)
     import math
 
     from detdistill.engine.checkpoint import load_checkpoint

@@ -108,6 +108,20 @@ def test_plot_bars(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 5000
 
 
+def test_plot_bars_draws_error_bars_only_for_a_measured_spread(tmp_path: Path, monkeypatch) -> None:
+    """A single run (no std, as in the quickstart) gets no error bar: a zero-height cap would read
+    as a spread that was measured; a row over seeds keeps its bars."""
+    from detdistill.report import plots
+
+    figures = []
+    new_figure = plots._new_figure
+    monkeypatch.setattr(plots, "_new_figure", lambda size: figures.append(new_figure(size)) or figures[-1])
+    rows = [{"name": "seeds", "AP_mean": 30.0, "AP_std": 0.4}, {"name": "one run", "AP": 31.0}]
+    plot_bars(rows, ["AP"], tmp_path / "bars.png", "methods")
+    (ax,) = figures[0].axes
+    assert [c.errorbar is not None for c in ax.containers if hasattr(c, "errorbar")] == [True, False]
+
+
 def test_ema_smooth() -> None:
     assert ema_smooth([]) == []
     assert ema_smooth([3.0, 3.0, 3.0], weight=0.9) == pytest.approx([3.0, 3.0, 3.0])  # debiased
