@@ -200,6 +200,7 @@ def test_an_edited_spec_refuses_the_runs_of_the_old_one(tiny_config_yaml, tmp_pa
     spec_path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "bench_out"
     loaded = load_spec(spec_path)
+    assert load_spec(str(spec_path)) == loaded  # the public API takes a str path as load_config does
     _run_config(loaded, loaded.methods[0], 0, out / "alone" / "seed0")  # as the bench records a run before it trains
     lr = yaml.safe_load((out / "alone" / "seed0" / "bench_config.yaml").read_text())["train"]["lr"]
 

@@ -71,7 +71,9 @@ class BenchSpec(BaseModel):
     output_dir: str = "bench_runs/{name}"
 
 
-def load_spec(path: Path) -> BenchSpec:
+def load_spec(path: str | Path) -> BenchSpec:
+    """Read a bench spec with ``safe_load`` and validate it (unknown keys are errors)."""
+    path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
         spec = BenchSpec.model_validate(data)
