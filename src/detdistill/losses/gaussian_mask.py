@@ -18,11 +18,11 @@ thresholds. Choices made here:
   then divided by its value at the cell containing the box centre (the maximum over the
   box's cells), so that cell holds exactly 1.0 even when the centre falls between cell
   centres. Boxes cut by the frame with their centre off the map keep only their tail.
-* **Sigma**: ``'centernet'`` (default) takes the CenterNet/CornerNet radius ``r`` (in cells
+* **Sigma**: ``'centernet'`` takes the CenterNet/CornerNet radius ``r`` (in cells
   of the assigned map) for a min-IoU of 0.7 and ``sigma = (2r + 1) / 6`` (the diameter
   spans +-3 sigma), the same for both axes. Unlike the widely copied reference code, the
   quadratic roots are solved exactly (the reference drops the ``1/(2a)`` factor in two of
-  the three cases and so overestimates ``r``). ``'box_fraction'`` uses
+  the three cases and so overestimates ``r``). ``'box_fraction'`` (the default) uses
   ``sx = w * sigma_fraction``, ``sy = h * sigma_fraction`` in pixels (TTFNet-like
   elongated Gaussians); the default ``1/6`` puts the box edges at 3 sigma.
 * **Truncation**: 0 outside the box. A cell belongs to a box when its centre lies inside it;
