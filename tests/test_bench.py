@@ -239,3 +239,22 @@ def test_the_report_pairs_every_reported_metric_primary_first():
     assert _gain_cell(mixed) == f"+1.3 ± 4.9 (2 / 1, p {mixed.p_greater:.2f})" and 0.3 < mixed.p_greater < 0.4
     assert _gain_cell(paired_verdict(base, {100: 40.0})) == "+1.1 (1 seed)"
     assert _gain_cell(paired_verdict(base, {})) == "—"
+
+
+def test_only_rows_that_need_the_teacher_get_it(tiny_config_yaml, tmp_path):
+    """A bench with a teacher may hold self-distillation rows (MSSD on the YOLO pair): those runs
+    must not load the teacher, while logit and feature rows distil from it."""
+    spec = {"name": "mixed", "student_config": str(tiny_config_yaml("student.yaml", train__steps=2)),
+            "teacher_checkpoint": str(tmp_path / "teacher.pt"), "seeds": [0],
+            "methods": [{"name": "alone"},
+                        {"name": "kl", "distill": [{"method": "kl"}]},
+                        {"name": "mssd", "distill": [{"method": "mssd", "pairs": [["fpn.p4", "pan.p4"]],
+                                                      "params": {"scale_weights": [1.0], "size_thresholds": [],
+                                                                 "strides": [16]}}]}]}
+    spec_path = tmp_path / "bench.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    loaded = load_spec(spec_path)
+    written = {m.name: yaml.safe_load(_run_config(loaded, m, 0, tmp_path / m.name).read_text()) for m in loaded.methods}
+    assert written["kl"]["teacher"]["checkpoint"] == str(tmp_path / "teacher.pt")
+    assert written["alone"]["teacher"] is None and written["mssd"]["teacher"] is None
+    assert written["mssd"]["distill"][0]["method"] == "mssd"

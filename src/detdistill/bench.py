@@ -98,9 +98,10 @@ def _resolved_run_config(spec: BenchSpec, method: BenchMethod, seed: int, run_di
     if method.distill:
         from .distill.methods import METHODS  # torch-heavy: only when a spec has KD terms
 
-        if not spec.teacher_checkpoint and any(METHODS.get(t.method).needs(t).teacher for t in method.distill):
+        needs_teacher = any(METHODS.get(t.method).needs(t).teacher for t in method.distill)
+        if needs_teacher and not spec.teacher_checkpoint:
             raise ConfigError(f"method {method.name!r} needs `teacher_checkpoint` in the bench spec")
-        if spec.teacher_checkpoint:
+        if needs_teacher:  # a self-distillation row (MSSD) of a bench with a teacher must not load it
             scale = method.teacher_input_scale if method.teacher_input_scale is not None else spec.teacher_input_scale
             cfg = cfg.model_copy(update={"teacher": TeacherConfig(checkpoint=spec.teacher_checkpoint, input_scale=scale)})
     resolved: dict[str, Any] = json.loads(cfg.model_dump_json())
