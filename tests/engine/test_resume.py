@@ -88,6 +88,21 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_config)
     assert ra.final.as_dict() == pytest.approx(rb.final.as_dict(), nan_ok=True)
 
 
+def test_rerunning_a_finished_run_keeps_its_recorded_timing(tmp_path, tiny_config):
+    """``train`` on a finished run only scores it again: the time per step it reports and the
+    run's ``run_summary.json`` are the training's, not the 0 s of a call that ran no step (a
+    rerun quickstart printed 0.0 s/step for its teacher and overwrote the summary)."""
+    cfg = tiny_config(root=tmp_path, train__steps=2)
+    first = train(cfg, resume=False, progress=False, log=lambda _m: None)
+    summary = (cfg.run_dir / "run_summary.json").read_text()
+    assert first.sec_per_step > 0
+    again = train(cfg, resume=True, progress=False, log=lambda _m: None)
+    assert (cfg.run_dir / "run_summary.json").read_text() == summary
+    assert again.sec_per_step == pytest.approx(first.sec_per_step) and again.seconds == pytest.approx(first.seconds)
+    assert again.final is not None and first.final is not None
+    assert again.final.as_dict() == pytest.approx(first.final.as_dict(), nan_ok=True)
+
+
 def _teacher_checkpoint(tiny_config, root: Path) -> Path:
     """A 1-step FCOS teacher with a 64-wide FPN (the tiny student's is 32: a real connector)."""
     cfg = tiny_config(root=root, name="teacher", model__fpn_channels=64, train__steps=1)

@@ -276,6 +276,11 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
     seconds = time.perf_counter() - t0
     result = TrainResult(run_dir, final, step, seconds, float(np.mean(step_times)) if step_times else 0.0,
                          peak_memory_mb(run.device))
+    recorded = _recorded_summary(run_dir) if start == cfg.train.steps else None
+    if recorded is not None:
+        # A finished run scored again (a rerun quickstart, `train` on a done run): no step ran now, so
+        # its time per step and memory are the training's, as recorded; the summary is kept as is.
+        return TrainResult(run_dir, final, step, recorded["seconds"], recorded["sec_per_step"], recorded["peak_mem_mb"])
     if info.is_main and final is not None:
         (run_dir / "run_summary.json").write_text(json.dumps(
             {"steps": result.steps, "seconds": seconds, "sec_per_step": result.sec_per_step,
@@ -283,3 +288,12 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True, stop
              "environment": (here := run_environment(run.device)),
              "environment_history": extend_history(run.environments, here)}, indent=2))
     return result
+
+
+def _recorded_summary(run_dir: Path) -> dict[str, float] | None:
+    """The timing a finished run recorded in ``run_summary.json``, or None when it has none."""
+    try:
+        summary = json.loads((run_dir / "run_summary.json").read_text())
+        return {k: float(summary[k]) for k in ("seconds", "sec_per_step", "peak_mem_mb")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
