@@ -11,6 +11,15 @@ A KD method that does not beat the student alone usually fails in one of three v
   no better than the student (its ``diag/<term>/assistant_det_loss`` is not below the student's
   detection loss), so there is nothing to distil.
 
+When none of these shows, two subtler signs are named (measured on aerial-cars, where KL that
+helps lowered the detection loss by 3-4 % and its share of the loss fell from 46 % to 17 %, while
+L2, PKD and SSIM that did not help left the detection loss within 1 % and grew their share):
+
+- the detection loss ends no lower than the student alone's (the terms do not make the task
+  easier to learn);
+- the terms' share of the loss grows over the run (they fall more slowly than the detection
+  loss: the student takes in the teacher's targets less readily than it learns the task).
+
 :func:`loss_balance` measures one run; :func:`diagnose` compares a method's runs with the
 baseline's and says which of these it sees. The figures are the *weighted* terms, as added
 to the loss (``loss/kd/...`` in the log), so a term's share is what the optimiser saw.
@@ -28,12 +37,14 @@ if TYPE_CHECKING:
     from ..config import DistillTermConfig
 
 __all__ = ["LossBalance", "loss_balance", "detection_loss_change", "diagnose", "WEAK_SHARE", "DOMINANT_SHARE", "TASK_RISE",
-           "ASSISTANT_EDGE"]
+           "TASK_GAIN", "SHARE_GROWTH", "ASSISTANT_EDGE"]
 
 _KD_PREFIX = "loss/kd/"
 WEAK_SHARE = 0.01  # KD terms below 1 % of the loss cannot move the student much
 DOMINANT_SHARE = 0.5  # KD terms above half of the loss when they start outweigh the task
 TASK_RISE = 0.10  # a final detection loss 10 % above the student alone's
+TASK_GAIN = 0.01  # KD that helps the task ends with a detection loss at least 1 % below the student alone's
+SHARE_GROWTH = 1.1  # a share that ends over 1.1x its start: the terms fall more slowly than the task loss
 ASSISTANT_EDGE = 0.02  # an assistant must end at least 2 % below the student's detection loss to teach it
 _ASSISTANT_SUFFIX = "/assistant_det_loss"
 
@@ -134,7 +145,8 @@ def diagnose(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalan
     Shares are means over the method's seeds; the detection-loss comparison uses the seeds both
     ran (the same crops). Returns plain sentences (empty when nothing stands out); every finding
     names its figure and the threshold it crossed: :data:`WEAK_SHARE`, :data:`DOMINANT_SHARE`,
-    :data:`TASK_RISE`, :data:`ASSISTANT_EDGE`. With the method's ``terms``, the advice leaves out
+    :data:`TASK_RISE`, :data:`ASSISTANT_EDGE`, and, when none of those is crossed,
+    :data:`TASK_GAIN` and :data:`SHARE_GROWTH`. With the method's ``terms``, the advice leaves out
     what they already do (no "set `normalize: true`" to a normalised term).
     """
     if not method:
@@ -155,6 +167,15 @@ def diagnose(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalan
     if change is not None and change[0] > TASK_RISE:
         found.append(f"the student's final detection loss is {100 * change[0]:+.0f} % against the student alone's "
                      f"on the same crops ({change[1]} paired seeds): the KD terms pull against the task")
+    if not found:  # the subtler signs, only when no plain failure explains the result
+        if change is not None and change[0] > -TASK_GAIN:
+            found.append(f"the student's final detection loss is {100 * change[0]:+.1f} % against the student alone's "
+                         f"on the same crops ({change[1]} paired seeds), not {100 * TASK_GAIN:.0f} % lower: the KD terms "
+                         "do not make the detection task easier to learn")
+        if start >= WEAK_SHARE and end > SHARE_GROWTH * start:
+            found.append(f"the KD terms' share of the loss grows from {100 * start:.2g} % to {100 * end:.2g} % over the "
+                         "run: they fall more slowly than the detection loss, so the student takes in the teacher's "
+                         "targets less readily than it learns the task")
     for term in sorted({t for b in runs for t in b.assistant_end}):
         with_it = [b for b in runs if term in b.assistant_end]
         ratio = fmean(b.assistant_end[term] / b.task_end for b in with_it)
