@@ -113,6 +113,32 @@ def test_self_distill_values() -> None:
     assert torch.allclose(mssd_mask_loss(a, t), ((a - t) ** 2).mean())
 
 
+def test_map_mean_weighting_is_the_plain_mse_of_the_masked_error_and_never_amplifies() -> None:
+    """``weighting_mean="map"`` divides by every cell, so it equals ``mean(mask * (pan - fpn)^2)``
+    and stays under the plain MSE; ``"mask"`` divides by the mask mass, so shrinking the objects
+    (a smaller mask) leaves its value but multiplies its per-cell gradient, the blow-up measured
+    on aerial-cars (docs/benchmarks.md, "MSSD ablation")."""
+    torch.manual_seed(0)
+    fpn, pan = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8, requires_grad=True)
+    big, small = torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    big[:, :, 2:6, 2:6] = 1.0   # 25 % of the cells
+    small[:, :, 3:4, 3:4] = 1.0  # 1 / 64 of the cells
+    got = mssd_self_distill_loss(fpn, pan, big, weighting_mean="map")
+    torch.testing.assert_close(got, (big * (pan - fpn) ** 2).mean())
+    assert got <= mssd_self_distill_loss(fpn, pan)
+    (g_small,) = torch.autograd.grad(mssd_self_distill_loss(fpn, pan, small), pan)
+    (g_plain,) = torch.autograd.grad(mssd_self_distill_loss(fpn, pan), pan)
+    (g_map,) = torch.autograd.grad(mssd_self_distill_loss(fpn, pan, small, weighting_mean="map"), pan)
+    cell = (slice(None), slice(None), 3, 3)
+    # per cell, "mask" scales the plain MSE's gradient by the inverse mask fraction (64 here); "map" leaves it
+    torch.testing.assert_close(g_small[cell], 64 * g_plain[cell], rtol=1e-4, atol=0)
+    torch.testing.assert_close(g_map[cell], g_plain[cell])
+    with pytest.raises(ValueError, match="weighting_mean"):
+        mssd_self_distill_loss(fpn, pan, small, weighting_mean="objects")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="weighting_mean"):
+        MSSDLoss(channels=3, weighting_mean="cells")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("use_mask", [True, False])
 def test_mssd_loss_module(use_mask: bool) -> None:
     torch.manual_seed(0)
@@ -149,6 +175,12 @@ def test_mssd_loss_module(use_mask: bool) -> None:
     again = crit(fpn, pan, boxes, (H, W))
     assert float(again["mssd_mask"].detach()) == pytest.approx(5.0 * mask_want, rel=1e-5)
     assert float(again["mssd_self"].detach()) == pytest.approx(self_want, rel=1e-6)
+    # weighting_mean "map" reaches the self term: the same float64 sums over every cell
+    crit.weighting_mean = "map"
+    map_want = sum(w * float(((p.detach().double() - f.detach().double()) ** 2 * m).mean() if use_mask else
+                             ((p.detach().double() - f.detach().double()) ** 2).mean())
+                   for w, f, p, m in zip((1.0, 0.5, 0.25), fpn, pan, masks))
+    assert float(crit(fpn, pan, boxes, (H, W))["mssd_self"].detach()) == pytest.approx(map_want, rel=1e-5)
 
 
 def test_mssd_loss_on_pafpn_fcos() -> None:

@@ -9,8 +9,11 @@ the deeper bottom-up PAN map ``P_l`` at the same scale. A Gaussian foreground ma
 per-scale adaptation layer ``A_l`` and (b) optionally a weight that focuses the
 self-distillation on objects::
 
-    L_self = sum_l  w_l * sum_{n,c,h,w} M_l (P_l - sg(F_l))^2 / (C * (sum_{n,h,w} M_l + eps))
+    L_self = sum_l  w_l * sum_{n,c,h,w} M_l (P_l - sg(F_l))^2 / (C * Z_l)
     L_mask = lambda * sum_l  mean_{n,h,w} (sigmoid(A_l(P_l)) - M_l)^2
+
+with ``Z_l = sum_{n,h,w} M_l + eps`` (``weighting_mean="mask"``: the mean over the objects) or
+``Z_l = N * H_l * W_l`` (``"map"``: the mean over the whole map, background counted as zero).
 
 ``sg`` is stop-gradient: the FPN side is the teacher, so it is detached (the paper leaves
 this open; it treats FPN maps as fixed teachers of the PAN outputs; see docs/methods.md). The adaptation
@@ -28,7 +31,7 @@ from torch import Tensor, nn
 
 from .gaussian_mask import SigmaMode, gaussian_masks
 
-__all__ = ["mssd_self_distill_loss", "mssd_mask_loss", "MSSDLoss", "MaskAdapter"]
+__all__ = ["mssd_self_distill_loss", "mssd_mask_loss", "MSSDLoss", "MaskAdapter", "WeightingMean"]
 
 _EPS = 1e-6
 
@@ -37,22 +40,32 @@ _EPS = 1e-6
 #: the features into a heatmap.
 MaskAdapter = Literal["conv1x1", "conv3x3"]
 
+#: What the mask-weighted self term is averaged over: ``"mask"``, the mask's mass (a mean over
+#: the objects), or ``"map"``, every cell (a plain MSE whose background cells count as zero).
+#: With ``"mask"`` a map whose objects cover a fraction ``f`` of the cells gets ``1/f`` times the
+#: per-cell gradient of a plain MSE; on aerial-cars crops that made the term's gradient ~50x the
+#: detection loss's in the first steps (docs/benchmarks.md, "MSSD ablation").
+WeightingMean = Literal["mask", "map"]
 
-def mssd_self_distill_loss(fpn: Tensor, pan: Tensor, mask: Tensor | None = None, eps: float = _EPS) -> Tensor:
+
+def mssd_self_distill_loss(fpn: Tensor, pan: Tensor, mask: Tensor | None = None, eps: float = _EPS,
+                           weighting_mean: WeightingMean = "mask") -> Tensor:
     """MSE from the PAN map (student) to the detached FPN map (teacher) at one scale.
 
     Args:
         fpn: ``(N, C, H, W)`` FPN map; detached here, receives no gradient.
         pan: ``(N, C, H, W)`` PAN map at the same scale; receives the gradient.
         mask: optional ``(N, 1, H, W)`` non-negative weights (the Gaussian mask).
+        weighting_mean: with a mask, ``"mask"`` or ``"map"`` (:data:`WeightingMean`).
 
     Returns:
-        Scalar. Without a mask: ``mean((pan - fpn)^2)``. With a mask:
-        ``sum(mask * (pan - fpn)^2) / (C * (sum(mask) + eps))``, i.e. the mask-weighted mean of
-        the per-element squared error. Dividing by the mask mass (not by ``N*H*W``) keeps the
-        loss on the scale of a plain MSE regardless of how many/large the objects are, and the
-        ``C`` factor makes it a per-element mean like ``F.mse_loss``. A scale with no objects
-        (all-zero mask) contributes exactly 0, which is the intent: focus on targets.
+        Scalar. Without a mask: ``mean((pan - fpn)^2)``. With a mask and ``"mask"``:
+        ``sum(mask * (pan - fpn)^2) / (C * (sum(mask) + eps))``, the mask-weighted mean of the
+        per-element squared error: on the scale of a plain MSE however few the objects, so its
+        per-cell gradient grows as the objects shrink. With ``"map"``:
+        ``mean(mask * (pan - fpn)^2)``, never above the plain MSE. The ``C`` factor makes either a
+        per-element mean like ``F.mse_loss``. A scale with no objects (all-zero mask) contributes
+        exactly 0, which is the intent: focus on targets.
     """
     if fpn.shape != pan.shape:
         raise ValueError(f"FPN {tuple(fpn.shape)} and PAN {tuple(pan.shape)} maps must have the same shape")
@@ -61,9 +74,13 @@ def mssd_self_distill_loss(fpn: Tensor, pan: Tensor, mask: Tensor | None = None,
         return F.mse_loss(pan, teacher)
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != pan.shape[0] or mask.shape[-2:] != pan.shape[-2:]:
         raise ValueError(f"mask must be (N, 1, H, W) matching {tuple(pan.shape)}, got {tuple(mask.shape)}")
+    if weighting_mean not in ("mask", "map"):
+        raise ValueError(f"weighting_mean must be 'mask' or 'map', got {weighting_mean!r}")
     mask = mask.detach().to(pan.dtype)
-    sq = (pan - teacher) ** 2
-    return (sq * mask).sum() / (pan.shape[1] * (mask.sum() + eps))
+    weighted = ((pan - teacher) ** 2 * mask).sum()
+    if weighting_mean == "map":
+        return weighted / pan.numel()
+    return weighted / (pan.shape[1] * (mask.sum() + eps))
 
 
 def mssd_mask_loss(adapted: Tensor, mask: Tensor) -> Tensor:
@@ -98,6 +115,8 @@ class MSSDLoss(nn.Module):
             whole box, the reading of "encode each box region"); ``"centernet"`` gives masks
             of one or two cells for small objects.
         adapter: the adaptation layer, ``"conv1x1"`` (default) or ``"conv3x3"`` (see above).
+        weighting_mean: what the mask-weighted self term is averaged over, ``"mask"`` (default)
+            or ``"map"`` (:data:`WeightingMean`); unused without ``use_mask_weighting``.
     """
 
     def __init__(
@@ -111,6 +130,7 @@ class MSSDLoss(nn.Module):
         sigma_mode: SigmaMode = "box_fraction",
         strides: Sequence[int] = (8, 16, 32),
         adapter: MaskAdapter = "conv1x1",
+        weighting_mean: WeightingMean = "mask",
     ) -> None:
         super().__init__()
         chans = [channels] * num_scales if isinstance(channels, int) else list(channels)
@@ -128,6 +148,9 @@ class MSSDLoss(nn.Module):
         if adapter not in ("conv1x1", "conv3x3"):
             raise ValueError(f"MSSD adapter must be 'conv1x1' or 'conv3x3', got {adapter!r}")
         self.adapter = adapter
+        if weighting_mean not in ("mask", "map"):
+            raise ValueError(f"MSSD weighting_mean must be 'mask' or 'map', got {weighting_mean!r}")
+        self.weighting_mean: WeightingMean = weighting_mean
         self.adapters = nn.ModuleList(_mask_adapter(c, adapter) for c in chans)
         # Every layer is built before any is re-initialised: the RNG draws stay in the order
         # they had with one 1x1 conv per scale, so seeded runs reproduce earlier results.
@@ -170,7 +193,8 @@ class MSSDLoss(nn.Module):
         for lvl, (fpn, pan, mask) in enumerate(zip(fpn_maps, pan_maps, masks)):
             mask = mask.to(device=device, dtype=pan.dtype)
             weight = mask if self.use_mask_weighting else None
-            self_total = self_total + self.scale_weights[lvl] * mssd_self_distill_loss(fpn, pan, weight)
+            self_total = self_total + self.scale_weights[lvl] * mssd_self_distill_loss(
+                fpn, pan, weight, weighting_mean=self.weighting_mean)
             adapted = torch.sigmoid(self.adapters[lvl](pan))
             mask_total = mask_total + mssd_mask_loss(adapted, mask)
         return {"mssd_self": self_total, "mssd_mask": self.mask_weight * mask_total}
