@@ -15,6 +15,7 @@ from scipy import stats
 from detdistill.bench import (_check_unchanged, _run_config, config_drift, load_spec, paired_runs, run_bench, teacher_check,
                               verdicts)
 from detdistill.config import ConfigError
+from detdistill.distill.methods import METHODS
 from detdistill.engine.environment import pairing_key, run_environment
 from detdistill.engine.train import train
 from detdistill.report.paired import paired_verdict
@@ -249,11 +250,13 @@ def test_only_rows_that_need_the_teacher_get_it(tiny_config_yaml, tmp_path):
             "methods": [{"name": "alone"},
                         {"name": "kl", "distill": [{"method": "kl"}]},
                         {"name": "mssd", "distill": [{"method": "mssd", "pairs": [["fpn.p4", "pan.p4"]],
-                                                      "params": {"scale_weights": [1.0], "size_thresholds": [],
-                                                                 "strides": [16]}}]}]}
+                                                      "params": {"scale_weights": [1.0], "size_thresholds": []}}]}]}
     spec_path = tmp_path / "bench.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     loaded = load_spec(spec_path)
+    for method in loaded.methods:  # a valid spec: the rows' params are the methods' own
+        for term in method.distill:
+            METHODS.get(term.method).check_params(term)
     written = {m.name: yaml.safe_load(_run_config(loaded, m, 0, tmp_path / m.name).read_text()) for m in loaded.methods}
     assert written["kl"]["teacher"]["checkpoint"] == str(tmp_path / "teacher.pt")
     assert written["alone"]["teacher"] is None and written["mssd"]["teacher"] is None

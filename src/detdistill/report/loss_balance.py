@@ -170,8 +170,8 @@ def diagnose(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalan
     if not found:  # the subtler signs, only when no plain failure explains the result
         if change is not None and change[0] > -TASK_GAIN:
             found.append(f"the student's final detection loss is {100 * change[0]:+.1f} % against the student alone's "
-                         f"on the same crops ({change[1]} paired seeds), where KD that helps lowers it by {100 * TASK_GAIN:.0f} % or more: the KD terms "
-                         "do not make the detection task easier to learn")
+                         f"on the same crops ({change[1]} paired seeds), where KD that helps lowers it by "
+                         f"{100 * TASK_GAIN:.0f} % or more: the KD terms do not make the detection task easier to learn")
         if start >= WEAK_SHARE and end > SHARE_GROWTH * start:
             found.append(f"the KD terms' share of the loss grows from {100 * start:.2g} % to {100 * end:.2g} % over the "
                          "run: they fall more slowly than the detection loss, so the student takes in the teacher's "
