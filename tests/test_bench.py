@@ -228,6 +228,27 @@ def test_an_edited_spec_refuses_the_runs_of_the_old_one(tiny_config_yaml, tmp_pa
     _check_unchanged(load_spec(spec_path), loaded.methods[0], 0, moved / "alone" / "seed0")
 
 
+def test_an_option_added_since_a_run_does_not_unpair_it(tiny_config_yaml, tmp_path):
+    """A run recorded before a config key existed (here `teacher.inherit`, whose default keeps the old
+    behaviour) still pairs; a recorded key this version does not know still differs, by name."""
+    spec = {"name": "older", "student_config": str(tiny_config_yaml("student.yaml", train__steps=2)),
+            "teacher_checkpoint": str(tmp_path / "teacher.pt"), "seeds": [0],
+            "methods": [{"name": "alone"}, {"name": "kl", "distill": [{"method": "kl"}]}]}
+    spec_path = tmp_path / "bench.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    loaded = load_spec(spec_path)
+    kl = loaded.methods[1]
+    recorded_path = _run_config(loaded, kl, 0, tmp_path / "kl")
+    recorded = yaml.safe_load(recorded_path.read_text())
+    del recorded["teacher"]["inherit"]  # as written before the key existed
+    recorded_path.write_text(yaml.safe_dump(recorded))
+    _check_unchanged(loaded, kl, 0, tmp_path / "kl")
+    recorded["teacher"]["from_the_future"] = 1
+    recorded_path.write_text(yaml.safe_dump(recorded))
+    with pytest.raises(ConfigError, match=r"teacher\.from_the_future: 1 -> '<absent>'"):
+        _check_unchanged(loaded, kl, 0, tmp_path / "kl")
+
+
 def test_the_report_pairs_every_reported_metric_primary_first():
     from detdistill.bench import _gain_cell, paired_metrics
 
@@ -248,6 +269,7 @@ def test_only_rows_that_need_the_teacher_get_it(tiny_config_yaml, tmp_path):
     spec = {"name": "mixed", "student_config": str(tiny_config_yaml("student.yaml", train__steps=2)),
             "teacher_checkpoint": str(tmp_path / "teacher.pt"), "seeds": [0],
             "methods": [{"name": "alone"},
+                        {"name": "inherit", "teacher_inherit": True},  # no KD term, the teacher's neck and head
                         {"name": "kl", "distill": [{"method": "kl"}]},
                         {"name": "mssd", "distill": [{"method": "mssd", "pairs": [["fpn.p4", "pan.p4"]],
                                                       "params": {"scale_weights": [1.0], "size_thresholds": []}}]}]}
@@ -259,5 +281,7 @@ def test_only_rows_that_need_the_teacher_get_it(tiny_config_yaml, tmp_path):
             METHODS.get(term.method).check_params(term)
     written = {m.name: yaml.safe_load(_run_config(loaded, m, 0, tmp_path / m.name).read_text()) for m in loaded.methods}
     assert written["kl"]["teacher"]["checkpoint"] == str(tmp_path / "teacher.pt")
+    assert written["kl"]["teacher"]["inherit"] is False
+    assert written["inherit"]["teacher"] == {"checkpoint": str(tmp_path / "teacher.pt"), "input_scale": 1.0, "inherit": True}
     assert written["alone"]["teacher"] is None and written["mssd"]["teacher"] is None
     assert written["mssd"]["distill"][0]["method"] == "mssd"

@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import ConfigError, DistillTermConfig, TeacherConfig, load_config
+from .config import ConfigError, DistillTermConfig, TeacherConfig, config_from_dict, load_config
 from .engine.environment import history_key
 from .report.loss_balance import LossBalance, detection_loss_change, diagnose, loss_balance
 from .report.metrics_log import read_metrics
@@ -55,6 +55,8 @@ class BenchMethod(BaseModel):
     distill: list[DistillTermConfig] = Field(default_factory=list)
     overrides: list[str] = Field(default_factory=list)
     teacher_input_scale: float | None = None  # this method's teacher resolution; default: the spec's
+    # start the student's neck and head from the teacher's (`teacher.inherit`, distill/inherit.py)
+    teacher_inherit: bool = False
 
 
 class BenchSpec(BaseModel):
@@ -95,15 +97,17 @@ def _resolved_run_config(spec: BenchSpec, method: BenchMethod, seed: int, run_di
     cfg = load_config(spec.student_config, [*spec.overrides, *method.overrides, f"seed={seed}"])
     cfg = cfg.model_copy(update={"name": f"{method.name}_seed{seed}", "output_dir": str(run_dir),
                                  "distill": method.distill})
+    needs_teacher = method.teacher_inherit
     if method.distill:
         from .distill.methods import METHODS  # torch-heavy: only when a spec has KD terms
 
-        needs_teacher = any(METHODS.get(t.method).needs(t).teacher for t in method.distill)
-        if needs_teacher and not spec.teacher_checkpoint:
-            raise ConfigError(f"method {method.name!r} needs `teacher_checkpoint` in the bench spec")
-        if needs_teacher:  # a self-distillation row (MSSD) of a bench with a teacher must not load it
-            scale = method.teacher_input_scale if method.teacher_input_scale is not None else spec.teacher_input_scale
-            cfg = cfg.model_copy(update={"teacher": TeacherConfig(checkpoint=spec.teacher_checkpoint, input_scale=scale)})
+        needs_teacher = needs_teacher or any(METHODS.get(t.method).needs(t).teacher for t in method.distill)
+    if needs_teacher and not spec.teacher_checkpoint:
+        raise ConfigError(f"method {method.name!r} needs `teacher_checkpoint` in the bench spec")
+    if needs_teacher:  # a self-distillation row (MSSD) of a bench with a teacher must not load it
+        scale = method.teacher_input_scale if method.teacher_input_scale is not None else spec.teacher_input_scale
+        cfg = cfg.model_copy(update={"teacher": TeacherConfig(checkpoint=spec.teacher_checkpoint, input_scale=scale,
+                                                              inherit=method.teacher_inherit)})
     resolved: dict[str, Any] = json.loads(cfg.model_dump_json())
     return resolved
 
@@ -129,6 +133,17 @@ def config_drift(recorded: Any, current: Any, key: str = "") -> list[str]:
     return [] if recorded == current else [f"{key}: {recorded!r} -> {current!r}"]
 
 
+def _with_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded run config with the keys added to detdistill since it ran filled with their
+    defaults, which keep the behaviour the run trained with: a new option does not unpair old runs.
+    A config this version cannot read stays as recorded (and so differs, by name)."""
+    try:
+        filled: dict[str, Any] = json.loads(config_from_dict(dict(recorded)).model_dump_json())
+    except ConfigError:
+        return recorded
+    return filled
+
+
 def _check_unchanged(spec: BenchSpec, method: BenchMethod, seed: int, run_dir: Path) -> None:
     """Refuse a run folder whose recorded config is not what the spec gives now.
 
@@ -139,7 +154,7 @@ def _check_unchanged(spec: BenchSpec, method: BenchMethod, seed: int, run_dir: P
     recorded_path = run_dir / "bench_config.yaml"
     if not recorded_path.is_file():
         return
-    recorded, current = yaml.safe_load(recorded_path.read_text()), _resolved_run_config(spec, method, seed, run_dir)
+    recorded, current = _with_defaults(yaml.safe_load(recorded_path.read_text())), _resolved_run_config(spec, method, seed, run_dir)
     for identity in ("name", "output_dir"):  # where the run lives, not how it trains: a moved bench folder still pairs
         recorded.pop(identity, None)
         current.pop(identity, None)

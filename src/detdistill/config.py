@@ -151,6 +151,9 @@ class TeacherConfig(_Strict):
 
     checkpoint: str
     input_scale: float = Field(1.0, gt=0.0)
+    # Inheriting strategy (ICD, FGD, PKD): start the student's neck and head (everything outside its
+    # backbone) from the teacher's weights; needs the same neck/head design. See distill/inherit.py.
+    inherit: bool = False
 
 
 class DistillTermConfig(_Strict):

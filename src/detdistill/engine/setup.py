@@ -25,6 +25,7 @@ from ..data.sample import DetectionSet
 from ..data.splits import load_split
 from ..data.transforms import EvalTransform, train_transform
 from ..distill.distiller import Distiller, Teacher, normalize_caveats
+from ..distill.inherit import inherit_neck_and_head
 from ..modules import unwrap
 from .checkpoint import load_checkpoint, remove_stale_temporaries, set_rng_state
 from .device import resolve_device, seed_everything
@@ -174,18 +175,25 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
 
     adapter = get_adapter(cfg.model.framework)
     model = adapter.build(cfg.model, train_set.num_classes).to(device)
+    ckpt_path = Path(resume) if isinstance(resume, (str, Path)) else cfg.run_dir / "checkpoints" / "last.pt"
+    resuming = bool(resume) and ckpt_path.is_file()
     distiller = None
-    if cfg.distill:
-        # Paired seeds: the teacher's probe passes and the methods' own modules (connectors, ...)
-        # draw random numbers; on a forked RNG they leave the stream the student trains on
-        # exactly as in the same seed's run without distillation.
+    inherit = cfg.teacher is not None and cfg.teacher.inherit
+    if cfg.distill or inherit:
+        # Paired seeds: building the teacher, its probe passes and the methods' own modules
+        # (connectors, ...) draw random numbers; on a forked RNG they leave the stream the student
+        # trains on exactly as in the same seed's run without distillation.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             teacher = load_teacher(cfg.teacher, device) if cfg.teacher is not None else None
             if teacher is not None and teacher.class_names != train_set.class_names:
                 say(f"note: the teacher's {len(teacher.class_names or [])} classes ({_names(teacher.class_names or [])}) "
                     f"differ from the data's {train_set.num_classes} ({_names(train_set.class_names)}); "
                     "feature KD still works, logit KD refuses")
-            distiller = Distiller(model, adapter, cfg.distill, teacher, num_classes=train_set.num_classes).to(device)
+            # before the Distiller, whose methods may read the student's head; a resume loads its own weights
+            if inherit and teacher is not None and not resuming:
+                say(inherit_neck_and_head(model, teacher.model, adapter).summary())
+            if cfg.distill:
+                distiller = Distiller(model, adapter, cfg.distill, teacher, num_classes=train_set.num_classes).to(device)
         for line in normalize_caveats(cfg.distill):
             say(line)
     params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
@@ -200,9 +208,8 @@ def build_run(cfg: Config, *, resume: bool | str | Path = True, log: Callable[[s
                 + ", ".join(p.name for p in stale))
     ema = build_ema(unwrap(model), cfg.train.ema_decay, cfg.train.ema_warmup_steps) if cfg.train.ema else None
     start = 0
-    ckpt_path = Path(resume) if isinstance(resume, (str, Path)) else cfg.run_dir / "checkpoints" / "last.pt"
     here = run_environment(device)  # recorded with every checkpoint; a resume elsewhere is flagged
-    if resume and ckpt_path.is_file():
+    if resuming:
         state = load_checkpoint(ckpt_path)
         check_resumable(state, cfg, train_set.class_names, ckpt_path, explicit=isinstance(resume, (str, Path)))
         unwrap(model).load_state_dict(state["model"])
