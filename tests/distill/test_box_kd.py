@@ -79,3 +79,13 @@ def test_pairs_and_bad_params_are_refused(adapter, build) -> None:
     with pytest.raises(ValueError, match="beta and temperature must be > 0"):
         Distiller(build("fcos"), adapter, [DistillTermConfig(method="box", params={"beta": 0.0})],
                   Teacher(build("fcos", seed=1), adapter))
+
+
+def test_detr_boxes_are_refused_at_build_naming_the_format() -> None:
+    detr = get_adapter("transformers")
+    opts = {"d_model": 32, "num_queries": 8, "decoder_layers": 1, "encoder_layers": 1, "decoder_ffn_dim": 64,
+            "encoder_ffn_dim": 64, "encoder_attention_heads": 2, "decoder_attention_heads": 2}
+    torch.manual_seed(0)
+    student, teacher = (detr.build(ModelConfig(framework="transformers", arch="detr", options=opts), 3) for _ in range(2))
+    with pytest.raises(ValueError, match=r"box format 'cxcywh_norm' is not supported \(supported: fcos_ltrb"):
+        Distiller(student, detr, [TERM], Teacher(teacher, detr))

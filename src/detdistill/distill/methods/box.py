@@ -22,17 +22,18 @@ from ...losses.box_distill import weighted_box_distill_loss, weighted_distributi
 from ..method import BuildContext, DistillMethod, Needs, StepContext, register_method
 
 
-def _smooth_l1(beta: float, temperature: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    return lambda s, t, w: weighted_box_distill_loss(s, t, w, beta=beta)
+def _smooth_l1(s: Tensor, t: Tensor, w: Tensor, *, beta: float, temperature: float) -> Tensor:
+    return weighted_box_distill_loss(s, t, w, beta=beta)
 
 
-def _distribution(beta: float, temperature: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    return lambda s, t, w: weighted_distribution_distill_loss(s, t, w, temperature=temperature)
+def _distribution(s: Tensor, t: Tensor, w: Tensor, *, beta: float, temperature: float) -> Tensor:
+    return weighted_distribution_distill_loss(s, t, w, temperature=temperature)
 
 
-#: How each ``RawOutputs.box_format`` is compared: element-wise for regressed values, as
-#: distributions for DFL bins. A format not listed (DETR boxes: use the detr_* methods) is refused.
-BOX_COMPARATORS: dict[str, Callable[[float, float], Callable[[Tensor, Tensor, Tensor], Tensor]]] = {
+#: How each ``RawOutputs.box_format`` is compared, ``(student, teacher, weights, *, beta, temperature)``:
+#: element-wise for regressed values, as distributions for DFL bins. A format not listed (DETR
+#: boxes: use the detr_* methods) is refused.
+BOX_COMPARATORS: dict[str, Callable[..., Tensor]] = {
     "fcos_ltrb": _smooth_l1,
     "retinanet_deltas": _smooth_l1,
     "yolo_dfl": _distribution,
@@ -84,11 +85,11 @@ class BoxKD(DistillMethod):
                                  "Use a feature method for this pair")
             self._comparator(s[0])  # an unsupported format fails at build, not at the first step
 
-    def _comparator(self, box_format: str | None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    def _comparator(self, box_format: str | None) -> Callable[..., Tensor]:
         if box_format not in BOX_COMPARATORS:
             raise ValueError(f"distill term {self.label!r} (box): box format {box_format!r} is not supported "
                              f"(supported: {', '.join(BOX_COMPARATORS)}); DETRs distil boxes with detr_logits")
-        return BOX_COMPARATORS[box_format](self.beta, self.temperature)
+        return BOX_COMPARATORS[box_format]
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:  # type: ignore[override]
         s, t = ctx.student_raw, ctx.teacher_raw
@@ -100,7 +101,8 @@ class BoxKD(DistillMethod):
                              f"teacher boxes {t.box_format} {tuple(t.box_preds.shape)} differ; box KD needs the same "
                              "head layout, box format and input size")
         weights = torch.sigmoid(t.cls_logits.detach().float()).amax(dim=-1)
-        loss = self._comparator(s.box_format)(s.box_preds.float(), t.box_preds.detach().float(), weights)
+        loss = self._comparator(s.box_format)(s.box_preds.float(), t.box_preds.detach().float(), weights,
+                                              beta=self.beta, temperature=self.temperature)
         return {"": loss}
 
     def extra_repr(self) -> str:
