@@ -12,8 +12,8 @@ import torch
 import yaml
 from scipy import stats
 
-from detdistill.bench import (_check_unchanged, _run_config, config_drift, load_spec, paired_runs, run_bench, teacher_check,
-                              verdicts)
+from detdistill.bench import (_check_unchanged, _lead_closed_text, _run_config, config_drift, lead_closed, load_spec,
+                              paired_runs, run_bench, teacher_check, verdicts)
 from detdistill.config import ConfigError
 from detdistill.distill.methods import METHODS
 from detdistill.engine.environment import pairing_key, run_environment
@@ -91,6 +91,21 @@ def test_the_teacher_must_lead_by_more_than_two_seed_stds():
     assert not ok and "does NOT beat" in text
 
 
+def test_the_share_of_the_teachers_lead_is_measured_on_the_paired_seeds():
+    # seed 3 ran alone only: the lead must come from seeds 0-2, where the gains were measured
+    base = {0: 30.0, 1: 32.0, 2: 28.0, 3: 50.0}
+    r = paired_verdict(base, {0: 33.0, 1: 36.0, 2: 33.0})
+    share, lead = lead_closed(60.0, base, r)
+    assert lead == pytest.approx(60.0 - 30.0) and share == pytest.approx(4.0 / 30.0)
+    assert _lead_closed_text(60.0, base, r) == "; closes 13 % of the teacher's lead (+4.0 of 30.0)"
+    worse = paired_verdict(base, {0: 29.0, 1: 31.0, 2: 27.0})
+    assert _lead_closed_text(60.0, base, worse) == "; widens the teacher's lead by 3 % (-1.0 on 30.0)"
+    # a teacher that does not lead, no teacher, or no paired seed: nothing to close, nothing said
+    assert math.isnan(lead_closed(25.0, base, r)[0]) and _lead_closed_text(25.0, base, r) == ""
+    assert _lead_closed_text(None, base, r) == ""
+    assert _lead_closed_text(60.0, base, paired_verdict(base, {7: 1.0})) == ""
+
+
 def test_bench_runs_reports_and_resumes(tiny_config, tiny_config_yaml, tmp_path, capsys):
     teacher = train(tiny_config(root=tmp_path / "teacher", train__steps=2), resume=False, progress=False)
     student_cfg = tiny_config_yaml("student.yaml", train__steps=2)
@@ -120,6 +135,7 @@ def test_bench_runs_reports_and_resumes(tiny_config, tiny_config_yaml, tmp_path,
     assert "Loss balance" in report and "| l2 | 2 |" in report and "| alone | 2 |" in report
     saved = json.loads((out / "results.json").read_text())
     assert saved["seeds"] == [0, 1] and saved["paired"]["l2"]["n"] == 2 and saved["paired"]["l2"]["verdict"] == "no claim"
+    assert "lead_closed" in saved["paired"]["l2"]  # a share, or null where the 2-step teacher does not lead
     assert saved["paired_by_metric"]["APm"]["l2"]["n"] == 2 and list(saved["paired_by_metric"]) == ["AP", "AP75", "APs", "APm"]
     assert set(saved["findings"]) == {"l2"}  # diagnosed: it does not beat the baseline; the baseline is not
     # The distilled runs really distilled: their config carries the teacher and the term.

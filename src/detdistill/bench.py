@@ -363,6 +363,40 @@ def teacher_check(metric: str, teacher: float, mean: float, std: float, n: int) 
         "results below are not meaningful: train the teacher longer or pick a larger one.")
 
 
+def lead_closed(teacher: float, baseline: dict[int, float], result: PairedResult) -> tuple[float, float]:
+    """The share of the teacher's lead over the baseline that a method's mean paired gain closes,
+    and that lead, both over the seeds the method paired on (``result.gains``).
+
+    The lead is ``teacher - mean(baseline on those seeds)``, so gain and lead are measured on the
+    same seeds. Returns ``(nan, lead)`` when no seed paired or the teacher does not lead.
+    """
+    seeds = [s for s in result.gains if s in baseline and math.isfinite(baseline[s])]
+    if not seeds:
+        return math.nan, math.nan
+    lead = teacher - sum(baseline[s] for s in seeds) / len(seeds)
+    return (result.mean_gain / lead if lead > 0 else math.nan), lead
+
+
+def _lead_closed_text(teacher: float | None, baseline: dict[int, float], result: PairedResult) -> str:
+    if teacher is None or result.n == 0:
+        return ""
+    share, lead = lead_closed(teacher, baseline, result)
+    if not math.isfinite(share):
+        return ""
+    if share < 0:
+        return f"; widens the teacher's lead by {-100 * share:.0f} % ({result.mean_gain:+.1f} on {lead:.1f})"
+    return f"; closes {100 * share:.0f} % of the teacher's lead ({result.mean_gain:+.1f} of {lead:.1f})"
+
+
+def _lead_closed_json(teacher: dict[str, float] | None, spec: BenchSpec,
+                      per_seed: dict[str, dict[int, dict[str, float]]], result: PairedResult) -> float | None:
+    if teacher is None or teacher.get(spec.primary_metric) is None:
+        return None
+    base = {s: m.get(spec.primary_metric, math.nan) for s, m in per_seed.get(spec.baseline, {}).items()}
+    share = lead_closed(teacher[spec.primary_metric], base, result)[0]
+    return share if math.isfinite(share) else None
+
+
 def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher: dict[str, float] | None,
                  seeds: list[int], per_seed: dict[str, dict[int, dict[str, float]]] | None = None,
                  balances: dict[str, dict[int, LossBalance]] | None = None,
@@ -387,7 +421,9 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
         paired = verdicts(per_seed, spec.baseline, pm, environments)
         lines += ["", f"Paired verdict on {pm} against `{spec.baseline}` (per-seed gains; a method beats the "
                   "baseline only when a one-sided paired t-test gives p < 0.05, and 3+ paired seeds are needed):", ""]
-        lines += [f"- {name}: {v.describe()}" for name, v in paired.items()]
+        t_pm = teacher.get(pm) if teacher is not None else None
+        base_pm = {s: m.get(pm, math.nan) for s, m in per_seed.get(spec.baseline, {}).items()}
+        lines += [f"- {name}: {v.describe()}{_lead_closed_text(t_pm, base_pm, v)}" for name, v in paired.items()]
         gain_rows = [{"name": name, **{f"seed {s}": g for s, g in v.gains.items()}} for name, v in paired.items()]
         gain_cols = ["name"] + [f"seed {s}" for s in seeds if any(f"seed {s}" in r for r in gain_rows)]
         lines += ["", f"Per-seed {pm} gain over `{spec.baseline}`:", "", markdown_table(gain_rows, gain_cols)]
@@ -406,7 +442,8 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
         {"rows": rows, "teacher": teacher, "seeds": seeds,
          "findings": findings, "environments": env_groups,
          "paired": {n: {**{k: getattr(v, k) for k in ("n", "mean_gain", "std_gain", "wins", "losses", "t", "p_greater",
-                                                       "p_less", "verdict")}, "gains": v.gains} for n, v in paired.items()},
+                                                       "p_less", "verdict")}, "gains": v.gains,
+                     "lead_closed": _lead_closed_json(teacher, spec, per_seed or {}, v)} for n, v in paired.items()},
          "paired_by_metric": {m: {n: {k: getattr(v, k) for k in ("n", "mean_gain", "std_gain", "wins", "losses", "p_greater",
                                                                   "p_less")} for n, v in res.items()}
                               for m, res in by_metric.items()}},
