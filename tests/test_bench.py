@@ -12,8 +12,9 @@ import torch
 import yaml
 from scipy import stats
 
-from detdistill.bench import (_check_unchanged, _lead_closed_text, _run_config, config_drift, lead_closed, load_spec,
-                              paired_runs, run_bench, teacher_check, verdicts)
+from detdistill.bench import _check_unchanged, _run_config, config_drift, run_bench
+from detdistill.bench_spec import load_spec
+from detdistill.report.bench_report import _lead_closed_text, lead_closed, paired_runs, teacher_check, verdicts
 from detdistill.config import ConfigError
 from detdistill.distill.methods import METHODS
 from detdistill.engine.environment import pairing_key, run_environment
@@ -266,7 +267,7 @@ def test_an_option_added_since_a_run_does_not_unpair_it(tiny_config_yaml, tmp_pa
 
 
 def test_the_report_pairs_every_reported_metric_primary_first():
-    from detdistill.bench import _gain_cell, paired_metrics
+    from detdistill.report.bench_report import _gain_cell, paired_metrics
 
     assert paired_metrics("AP/car") == ["AP/car", "AP", "AP75", "APs", "APm"]
     assert paired_metrics("AP") == ["AP", "AP75", "APs", "APm"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from detdistill.adapters.base import get_adapter
-from detdistill.bench import load_spec
+from detdistill.bench_spec import load_spec
 from detdistill.config import load_config
 from detdistill.distill.methods import METHODS
 
