@@ -381,6 +381,28 @@ def test_mssd_through_the_distiller(adapter, build, batch, sgd):
     assert list(student.state_dict().keys()) == plain_keys
 
 
+def test_mssd_mask_weight_zero_turns_the_mask_term_off(adapter, build, batch, sgd):
+    """``mask_weight: 0`` (the self-only ablation) is no logged zero loss, which training would
+    flag as a silent term: the mask part is gone, the self part is the one a weighted run has."""
+    student = build("yolo_pafpn")
+    off = Distiller(student, adapter, [DistillTermConfig(method="mssd", pairs=MSSD_PAIRS, params={"mask_weight": 0.0})],
+                    teacher=None)
+    on = Distiller(student, adapter, [DistillTermConfig(method="mssd", pairs=MSSD_PAIRS, params={"mask_weight": 1.0})],
+                   teacher=None)
+    assert off.method("mssd").part_names == ("mssd_self",)
+    student.train()
+    with torch.no_grad():
+        off_losses, on_losses = off(student, batch, 0), on(student, batch, 0)
+    kd = lambda losses: {k for k in losses if k.startswith("kd/")}  # noqa: E731
+    assert kd(off_losses) == {"kd/mssd/mssd_self"} and kd(on_losses) == {"kd/mssd/mssd_self", "kd/mssd/mssd_mask"}
+    torch.testing.assert_close(off_losses["kd/mssd/mssd_self"], on_losses["kd/mssd/mssd_self"], rtol=0, atol=0)
+    opt, sched = sgd(list(student.parameters()) + list(off.parameters()))
+    values = train_one_step(student, adapter, batch, 0, optimizer=opt, scheduler=sched, distiller=off)
+    assert set(_kd_values(values)) == {"loss/kd/mssd/mssd_self"}
+    _assert_positive_finite(values, "loss/kd/mssd/mssd_self")
+    assert all(p.grad is None for p in off.method("mssd").loss_fn.adapters.parameters())  # nothing runs them
+
+
 def test_mssd_terms_through_the_distiller_equal_the_loss_on_hooked_maps(adapter, build, batch):
     """The Distiller feeds MSSDLoss the FPN/PAN maps, the boxes and the padded input size:
     its (weighted) terms equal the loss module applied to maps this test hooks itself,

@@ -175,6 +175,11 @@ def test_mssd_loss_module(use_mask: bool) -> None:
     again = crit(fpn, pan, boxes, (H, W))
     assert float(again["mssd_mask"].detach()) == pytest.approx(5.0 * mask_want, rel=1e-5)
     assert float(again["mssd_self"].detach()) == pytest.approx(self_want, rel=1e-6)
+    # mask_weight 0 turns the mask term off: no part, no adapter run, the same self term
+    crit.mask_weight = 0.0
+    off = crit(fpn, pan, boxes, (H, W))
+    assert set(off) == {"mssd_self"} and float(off["mssd_self"].detach()) == pytest.approx(self_want, rel=1e-6)
+    crit.mask_weight = 5.0
     # weighting_mean "map" reaches the self term: the same float64 sums over every cell
     crit.weighting_mean = "map"
     map_want = sum(w * float(((p.detach().double() - f.detach().double()) ** 2 * m).mean() if use_mask else

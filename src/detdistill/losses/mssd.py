@@ -174,7 +174,9 @@ class MSSDLoss(nn.Module):
             image_size: ``(H, W)`` of the padded network input.
 
         Returns:
-            ``{'mssd_self': sum_l w_l L_self_l, 'mssd_mask': lambda * sum_l L_mask_l}``, scalars.
+            ``{'mssd_self': sum_l w_l L_self_l, 'mssd_mask': lambda * sum_l L_mask_l}``, scalars;
+            without ``'mssd_mask'`` when ``mask_weight`` is 0: that term is off, not a zero loss
+            (the adapters then run nowhere and get no gradient).
         """
         if len(fpn_maps) != self.num_scales or len(pan_maps) != self.num_scales:
             raise ValueError(f"expected {self.num_scales} FPN and PAN maps, got {len(fpn_maps)} and {len(pan_maps)}")
@@ -195,8 +197,11 @@ class MSSDLoss(nn.Module):
             weight = mask if self.use_mask_weighting else None
             self_total = self_total + self.scale_weights[lvl] * mssd_self_distill_loss(
                 fpn, pan, weight, weighting_mean=self.weighting_mean)
-            adapted = torch.sigmoid(self.adapters[lvl](pan))
-            mask_total = mask_total + mssd_mask_loss(adapted, mask)
+            if self.mask_weight:
+                adapted = torch.sigmoid(self.adapters[lvl](pan))
+                mask_total = mask_total + mssd_mask_loss(adapted, mask)
+        if not self.mask_weight:
+            return {"mssd_self": self_total}
         return {"mssd_self": self_total, "mssd_mask": self.mask_weight * mask_total}
 
 

@@ -41,7 +41,6 @@ class MSSD(DistillMethod):
 
     def __init__(self, ctx: BuildContext, **params: Any) -> None:
         super().__init__()
-        self.part_names = ("mssd_self", "mssd_mask")
         self.pairs = [tuple(p) for p in ctx.term.pairs]
         # Each FPN map must match its PAN map; scales may differ in width (YOLO necks double it).
         chans = []
@@ -53,6 +52,9 @@ class MSSD(DistillMethod):
             chans.append(ia.channels)
         strides = tuple(ctx.student_taps[b].stride for _, b in self.pairs)
         self.loss_fn = MSSDLoss(**params, channels=chans, num_scales=len(self.pairs), strides=strides)
+        # `mask_weight: 0` turns the mask term off (the self-only ablation): no part, so no
+        # "exactly 0 for the whole run" warning for a term the config switched off on purpose
+        self.part_names = ("mssd_self", "mssd_mask") if self.loss_fn.mask_weight else ("mssd_self",)
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:  # type: ignore[override]
         assert ctx.student_raw is not None and ctx.student_raw.input_size is not None
