@@ -98,13 +98,14 @@ def test_the_share_of_the_teachers_lead_is_measured_on_the_paired_seeds():
     r = paired_verdict(base, {0: 33.0, 1: 36.0, 2: 33.0})
     share, lead = lead_closed(60.0, base, r)
     assert lead == pytest.approx(60.0 - 30.0) and share == pytest.approx(4.0 / 30.0)
-    assert _lead_closed_text(60.0, base, r) == "; closes 13 % of the teacher's lead (+4.0 of 30.0)"
+    assert _lead_closed_text(share, lead, r.mean_gain) == "; closes 13 % of the teacher's lead (+4.0 of 30.0)"
     worse = paired_verdict(base, {0: 29.0, 1: 31.0, 2: 27.0})
-    assert _lead_closed_text(60.0, base, worse) == "; widens the teacher's lead by 3 % (-1.0 on 30.0)"
-    # a teacher that does not lead, no teacher, or no paired seed: nothing to close, nothing said
-    assert math.isnan(lead_closed(25.0, base, r)[0]) and _lead_closed_text(25.0, base, r) == ""
-    assert _lead_closed_text(None, base, r) == ""
-    assert _lead_closed_text(60.0, base, paired_verdict(base, {7: 1.0})) == ""
+    assert _lead_closed_text(*lead_closed(60.0, base, worse), worse.mean_gain) == (
+        "; widens the teacher's lead by 3 % (-1.0 on 30.0)")
+    # a teacher that does not lead, or no paired seed: nothing to close, nothing said
+    share, lead = lead_closed(25.0, base, r)
+    assert math.isnan(share) and lead == pytest.approx(-5.0) and _lead_closed_text(share, lead, r.mean_gain) == ""
+    assert all(math.isnan(x) for x in lead_closed(60.0, base, paired_verdict(base, {7: 1.0})))
 
 
 def test_bench_runs_reports_and_resumes(tiny_config, tiny_config_yaml, tmp_path, capsys):

@@ -94,7 +94,7 @@ def lead_closed(teacher: float, baseline: dict[int, float], result: PairedResult
     and that lead, both over the seeds the method paired on (``result.gains``).
 
     The lead is ``teacher - mean(baseline on those seeds)``, so gain and lead are measured on the
-    same seeds. Returns ``(nan, lead)`` when no seed paired or the teacher does not lead.
+    same seeds. The share is nan when the teacher does not lead; both are nan when no seed paired.
     """
     seeds = [s for s in result.gains if s in baseline and math.isfinite(baseline[s])]
     if not seeds:
@@ -103,24 +103,12 @@ def lead_closed(teacher: float, baseline: dict[int, float], result: PairedResult
     return (result.mean_gain / lead if lead > 0 else math.nan), lead
 
 
-def _lead_closed_text(teacher: float | None, baseline: dict[int, float], result: PairedResult) -> str:
-    if teacher is None or result.n == 0:
-        return ""
-    share, lead = lead_closed(teacher, baseline, result)
+def _lead_closed_text(share: float, lead: float, gain: float) -> str:
     if not math.isfinite(share):
         return ""
     if share < 0:
-        return f"; widens the teacher's lead by {-100 * share:.0f} % ({result.mean_gain:+.1f} on {lead:.1f})"
-    return f"; closes {100 * share:.0f} % of the teacher's lead ({result.mean_gain:+.1f} of {lead:.1f})"
-
-
-def _lead_closed_json(teacher: dict[str, float] | None, spec: BenchSpec,
-                      per_seed: dict[str, dict[int, dict[str, float]]], result: PairedResult) -> float | None:
-    if teacher is None or teacher.get(spec.primary_metric) is None:
-        return None
-    base = {s: m.get(spec.primary_metric, math.nan) for s, m in per_seed.get(spec.baseline, {}).items()}
-    share = lead_closed(teacher[spec.primary_metric], base, result)[0]
-    return share if math.isfinite(share) else None
+        return f"; widens the teacher's lead by {-100 * share:.0f} % ({gain:+.1f} on {lead:.1f})"
+    return f"; closes {100 * share:.0f} % of the teacher's lead ({gain:+.1f} of {lead:.1f})"
 
 
 def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher: dict[str, float] | None,
@@ -150,6 +138,7 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
     lines.append(markdown_table(rows, cols))
     env_groups = _environment_section(environments or {}, spec.baseline, lines)
     paired: dict[str, PairedResult] = {}
+    closed: dict[str, tuple[float, float]] = {}  # method -> (share of the teacher's lead closed, that lead)
     by_metric: dict[str, dict[str, PairedResult]] = {}
     if base is not None and per_seed:
         pm = spec.primary_metric
@@ -158,7 +147,9 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
                   "baseline only when a one-sided paired t-test gives p < 0.05, and 3+ paired seeds are needed):", ""]
         t_pm = teacher.get(pm) if teacher is not None else None
         base_pm = {s: m.get(pm, math.nan) for s, m in per_seed.get(spec.baseline, {}).items()}
-        lines += [f"- {name}: {v.describe()}{_lead_closed_text(t_pm, base_pm, v)}" for name, v in paired.items()]
+        closed = {name: lead_closed(t_pm, base_pm, v) if t_pm is not None else (math.nan, math.nan)
+                  for name, v in paired.items()}
+        lines += [f"- {name}: {v.describe()}{_lead_closed_text(*closed[name], v.mean_gain)}" for name, v in paired.items()]
         gain_rows = [{"name": name, **{f"seed {s}": g for s, g in v.gains.items()}} for name, v in paired.items()]
         gain_cols = ["name"] + [f"seed {s}" for s in seeds if any(f"seed {s}" in r for r in gain_rows)]
         lines += ["", f"Per-seed {pm} gain over `{spec.baseline}`:", "", markdown_table(gain_rows, gain_cols)]
@@ -178,7 +169,7 @@ def write_report(spec: BenchSpec, out: Path, rows: list[dict[str, Any]], teacher
          "findings": findings, "environments": env_groups,
          "paired": {n: {**{k: getattr(v, k) for k in ("n", "mean_gain", "std_gain", "wins", "losses", "t", "p_greater",
                                                        "p_less", "verdict")}, "gains": v.gains,
-                     "lead_closed": _lead_closed_json(teacher, spec, per_seed or {}, v)} for n, v in paired.items()},
+                     "lead_closed": closed[n][0] if math.isfinite(closed[n][0]) else None} for n, v in paired.items()},
          "paired_by_metric": {m: {n: {k: getattr(v, k) for k in ("n", "mean_gain", "std_gain", "wins", "losses", "p_greater",
                                                                   "p_less")} for n, v in res.items()}
                               for m, res in by_metric.items()}},
