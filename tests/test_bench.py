@@ -14,11 +14,20 @@ from scipy import stats
 
 from detdistill.bench import _check_unchanged, _run_config, config_drift, run_bench
 from detdistill.bench_spec import load_spec
-from detdistill.report.bench_report import _lead_closed_text, lead_closed, paired_runs, teacher_check, verdicts
+from detdistill.bench_spec import BenchMethod, BenchSpec
+from detdistill.report.bench_report import (
+    _balance_section,
+    _lead_closed_text,
+    lead_closed,
+    paired_runs,
+    teacher_check,
+    verdicts,
+)
 from detdistill.config import ConfigError
 from detdistill.distill.methods import METHODS
 from detdistill.engine.environment import pairing_key, run_environment
 from detdistill.engine.train import train
+from detdistill.report.loss_balance import LossBalance
 from detdistill.report.paired import paired_verdict
 
 
@@ -106,6 +115,33 @@ def test_the_share_of_the_teachers_lead_is_measured_on_the_paired_seeds():
     share, lead = lead_closed(25.0, base, r)
     assert math.isnan(share) and lead == pytest.approx(-5.0) and _lead_closed_text(share, lead, r.mean_gain) == ""
     assert all(math.isnan(x) for x in lead_closed(60.0, base, paired_verdict(base, {7: 1.0})))
+
+
+def test_rows_without_kd_terms_are_reported_as_controls_not_diagnosed():
+    # A longer schedule, a null lr change and weight inheritance log no KD term: "why it may not
+    # help ... the run distilled nothing" would misread them, even when they are far ahead.
+    spec = BenchSpec(name="b", student_config="s.yaml", baseline="alone", methods=[
+        BenchMethod(name="alone"),
+        BenchMethod(name="alone_1400", overrides=["train.steps=1400"]),
+        BenchMethod(name="same"),
+        BenchMethod(name="inherit", teacher_inherit=True),
+        BenchMethod.model_validate({"name": "l2", "distill": [{"method": "l2", "weight": 1.0}]}),
+    ])
+    plain = {s: LossBalance(steps=400, task_start=2.0, task_end=1.0, kd_start={}, kd_end={}) for s in (0, 1)}
+    balances = {"alone": plain, "alone_1400": plain, "same": plain, "inherit": plain, "l2": plain}
+    base = {0: 30.0, 1: 31.0}
+    paired = {"alone_1400": paired_verdict(base, {0: 58.0, 1: 57.0}), "same": paired_verdict(base, base),
+              "inherit": paired_verdict(base, {0: 31.0, 1: 30.0}), "l2": paired_verdict(base, {0: 29.0, 1: 30.0})}
+    lines: list[str] = []
+    findings = _balance_section(spec, balances, paired, {}, lines)
+    text = "\n".join(lines)
+    assert ("`alone_1400` distils nothing (no `distill` terms in its row): a control, whose gain over `alone` is "
+            "what its overrides (`train.steps=1400`) change.") in text
+    assert "`same` distils nothing and changes nothing" in text
+    assert "`inherit` has no KD term: it starts the student's neck and head from the teacher's" in text
+    # a row that has terms but logged none is still flagged: that is the silent-zero-KD failure
+    assert "Why `l2` may not help: no KD term was logged: the run distilled nothing." in text
+    assert text.count("may not help") == 1 and set(findings) == {"l2"}
 
 
 def test_bench_runs_reports_and_resumes(tiny_config, tiny_config_yaml, tmp_path, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from ..bench_spec import BenchSpec
+from ..bench_spec import BenchMethod, BenchSpec
 from .loss_balance import LossBalance, detection_loss_change, diagnose
 from .paired import PairedResult, paired_verdict
 from .plots import plot_bars, plot_paired
@@ -207,16 +207,39 @@ def _balance_section(spec: BenchSpec, balances: dict[str, dict[int, LossBalance]
               markdown_table(rows, ["name", "n", "KD share at start %", "KD share at end %", "final detection loss",
                                     "detection loss vs baseline %"])]
     findings: dict[str, list[str]] = {}
+    rows_by_name = {m.name: m for m in spec.methods}
     for name, by_seed in balances.items():
         verdict = paired.get(name)
-        if name == spec.baseline or (verdict is not None and verdict.verdict == "beats"):
+        if name == spec.baseline:
             continue
-        terms = next((m.distill for m in spec.methods if m.name == name), [])
+        row = rows_by_name.get(name)
+        if row is not None and not row.distill:
+            # A row without KD terms is a control (a longer schedule, a null lr change) or weight
+            # inheritance: "why it may not help" from a loss balance would misread it.
+            lines.append(_termless_row_text(row, spec.baseline))
+            continue
+        if verdict is not None and verdict.verdict == "beats":
+            continue
+        terms = row.distill if row is not None else []
         found = diagnose(by_seed, base, terms)
         findings[name] = found
         if found:
             lines.append(f"Why `{name}` may not help: " + "; ".join(found) + ".")
     return findings
+
+
+def _termless_row_text(row: BenchMethod, baseline: str) -> str:
+    """What a bench row without ``distill`` terms measures, for the report's loss-balance section."""
+    changes = ", ".join(f"`{o}`" for o in row.overrides)
+    if row.teacher_inherit:
+        return (f"`{row.name}` has no KD term: it starts the student's neck and head from the teacher's "
+                f"(`teacher_inherit`){f' with {changes}' if changes else ''}, so its gain over `{baseline}` is what "
+                "the inherited weights do; the loss balance does not apply.")
+    if not changes:
+        return (f"`{row.name}` distils nothing and changes nothing: the same runs as `{baseline}`, so any gain "
+                "is the machine's nondeterminism.")
+    return (f"`{row.name}` distils nothing (no `distill` terms in its row): a control, whose gain over "
+            f"`{baseline}` is what its overrides ({changes}) change.")
 
 
 def _environment_section(environments: dict[str, dict[int, str]], baseline: str,
