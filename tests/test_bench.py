@@ -339,3 +339,25 @@ def test_only_rows_that_need_the_teacher_get_it(tiny_config_yaml, tmp_path):
     assert written["inherit"]["teacher"] == {"checkpoint": str(tmp_path / "teacher.pt"), "input_scale": 1.0, "inherit": True}
     assert written["alone"]["teacher"] is None and written["mssd"]["teacher"] is None
     assert written["mssd"]["distill"][0]["method"] == "mssd"
+
+
+def test_a_bench_can_drop_finished_runs_checkpoints(tiny_config_yaml, tmp_path, capsys):
+    """`keep_checkpoints: false` deletes a run's checkpoint folder once it has finished, keeps what
+    the report and a user need (final metrics, the exported student), and the run stays done."""
+    spec = {"name": "lean", "student_config": str(tiny_config_yaml("student.yaml", train__steps=2)),
+            "seeds": [0], "methods": [{"name": "alone"}], "keep_checkpoints": False}
+    spec_path = tmp_path / "bench.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "bench_out"
+    run_bench(spec_path, out_dir=out, progress=False)
+    run_dir = out / "alone" / "seed0"
+    assert not (run_dir / "checkpoints").exists()
+    assert (run_dir / "final_metrics.json").is_file() and any((run_dir / "export").iterdir())
+    assert "removed" in capsys.readouterr().out
+    run_bench(spec_path, out_dir=out, progress=False)
+    assert "alone seed 0: done already, skipping" in capsys.readouterr().out
+
+    spec["keep_checkpoints"] = True  # the default; not a run setting, so the finished run still pairs
+    spec_path.write_text(yaml.safe_dump(spec))
+    run_bench(spec_path, out_dir=out, progress=False)
+    assert "done already, skipping" in capsys.readouterr().out

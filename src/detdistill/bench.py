@@ -7,6 +7,7 @@ A benchmark spec is a flat YAML file::
     teacher_checkpoint: ../bench_runs/teacher/checkpoints/last.pt
     seeds: [0, 1, 2]
     overrides: ["train.steps=400"]                   # applied to every run
+    keep_checkpoints: false                          # drop a finished run's checkpoint (~100 MB)
     methods:
       - name: alone                                  # no distill terms: the baseline
       - name: pkd
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +171,17 @@ def _environment(run_dir: Path) -> str:
     return history_key(summary.get("environment_history"), summary.get("environment"))
 
 
+def _remove_checkpoints(run_dir: Path) -> int:
+    """Delete a finished run's ``checkpoints/`` folder; returns the bytes freed. Only called once
+    ``final_metrics.json`` exists, which is what marks the run done (it is never resumed again)."""
+    ckpt_dir = run_dir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return 0
+    size = sum(f.stat().st_size for f in ckpt_dir.rglob("*") if f.is_file())
+    shutil.rmtree(ckpt_dir)
+    return size
+
+
 def _train_in_subprocess(cmd: list[str], log_path: Path, label: str) -> int:
     """Run one training command with its output appended to ``log_path``, echoing its warning
     lines (a dead or runaway loss term, a resume in another environment) to this console: a
@@ -216,6 +229,9 @@ def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] 
         rc = _train_in_subprocess(cmd, run_dir / "train.log", f"{method.name} seed {seed}")
         if rc != 0 or _collect(run_dir) is None:
             raise RuntimeError(f"run {method.name} seed {seed} failed (exit {rc}); see {run_dir / 'train.log'}")
+        if not spec.keep_checkpoints:
+            freed = _remove_checkpoints(run_dir)
+            print(f"    removed {run_dir / 'checkpoints'} ({freed / 2**20:.0f} MB; keep_checkpoints: false)", flush=True)
     rows = []
     per_seed: dict[str, dict[int, dict[str, float]]] = {}
     balances: dict[str, dict[int, LossBalance]] = {}

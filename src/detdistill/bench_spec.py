@@ -38,6 +38,10 @@ class BenchSpec(BaseModel):
     baseline: str = "alone"
     primary_metric: str = "AP"  # the metric verdicts use, e.g. "AP/car" when rare classes make the class mean noisy
     output_dir: str = "bench_runs/{name}"
+    # A finished run is skipped by its final_metrics.json, so its training checkpoint (weights,
+    # optimizer and EMA, ~100 MB for FCOS-R18) is only needed to re-score it (`detdistill eval
+    # --weights raw`). False deletes it once the run has finished; the exported student stays.
+    keep_checkpoints: bool = True
 
 
 def load_spec(path: str | Path) -> BenchSpec:
