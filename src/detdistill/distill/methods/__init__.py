@@ -7,6 +7,6 @@ test) registers the same way, with :func:`~detdistill.distill.method.register_me
 from __future__ import annotations
 
 from ..method import METHODS, DistillMethod, register_method
-from . import box, detr, detr_query, feature, logits, mssd, scalekd  # noqa: F401  (registration on import)
+from . import box, decoupled_feature, detr, detr_query, feature, logits, mssd, scalekd  # noqa: F401  (registration on import)
 
 __all__ = ["METHODS", "DistillMethod", "register_method"]
