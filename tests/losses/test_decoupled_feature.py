@@ -19,8 +19,8 @@ def _mask_by_loops(boxes, input_size, map_size):
     out = np.zeros((len(boxes), h, w), dtype=bool)
     for n, bs in enumerate(boxes):
         for x1, y1, x2, y2 in bs.tolist():
-            cols = [j for j in range(w) if x1 <= (j + 0.5) * sx <= x2] or [min(int((x1 + x2) / 2 // sx), w - 1)]
-            rows = [i for i in range(h) if y1 <= (i + 0.5) * sy <= y2] or [min(int((y1 + y2) / 2 // sy), h - 1)]
+            cols = [j for j in range(w) if x1 <= (j + 0.5) * sx <= x2] or [int((x1 + x2) / 2 // sx)]
+            rows = [i for i in range(h) if y1 <= (i + 0.5) * sy <= y2] or [int((y1 + y2) / 2 // sy)]
             for i in rows:
                 for j in cols:
                     out[n, i, j] = True

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .box_cells import box_axis_cells
 from .feature import _check_feature_pair
 
 __all__ = ["box_foreground_mask", "decoupled_l2_loss", "DecoupledL2Loss"]
@@ -37,28 +38,17 @@ def box_foreground_mask(boxes: Sequence[Tensor], input_size: tuple[int, int], ma
         input_size: ``(H, W)`` of that input.
         map_size: ``(h, w)`` of the feature map; its stride per axis is ``H / h`` and ``W / w``.
 
-    A cell belongs to a box when its centre ``((i + 0.5) * stride)`` lies inside it. Along an axis
-    where a box covers no cell centre (an object thinner than one stride), the cell holding the
-    box centre is used, so a small object never vanishes from a coarse map.
+    The cells of a box are those of :func:`~detdistill.losses.box_cells.box_axis_cells` on both axes
+    (cell centre inside the box; an object thinner than one stride keeps the cell of its centre).
     """
     (H, W), (h, w) = input_size, map_size
-    sy, sx = H / h, W / w
     masks = []
     for b in boxes:
-        device = b.device
-        mask = torch.zeros(h, w, dtype=torch.bool, device=device)
+        mask = torch.zeros(h, w, dtype=torch.bool, device=b.device)
         if len(b):
             b = b.float()
-            xs = (torch.arange(w, device=device) + 0.5) * sx  # (w,) cell centres
-            ys = (torch.arange(h, device=device) + 0.5) * sy
-            in_x = (xs[None] >= b[:, 0:1]) & (xs[None] <= b[:, 2:3])  # (G, w)
-            in_y = (ys[None] >= b[:, 1:2]) & (ys[None] <= b[:, 3:4])  # (G, h)
-            cx = ((b[:, 0] + b[:, 2]) / 2 / sx).floor().long().clamp(0, w - 1)
-            cy = ((b[:, 1] + b[:, 3]) / 2 / sy).floor().long().clamp(0, h - 1)
-            rows = torch.arange(len(b), device=device)
-            thin_x, thin_y = ~in_x.any(1), ~in_y.any(1)
-            in_x[rows[thin_x], cx[thin_x]] = True
-            in_y[rows[thin_y], cy[thin_y]] = True
+            in_x = box_axis_cells(b[:, 0], b[:, 2], w, W / w)  # (G, w)
+            in_y = box_axis_cells(b[:, 1], b[:, 3], h, H / h)  # (G, h)
             mask = (in_y[:, :, None] & in_x[:, None, :]).any(0)
         masks.append(mask)
     return torch.stack(masks)

@@ -42,6 +42,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .box_cells import box_axis_cells
+
 SigmaMode = Literal["centernet", "box_fraction"]
 
 __all__ = ["gaussian_masks", "centernet_radius", "assign_levels"]
@@ -100,14 +102,7 @@ def _axis_profile(
     Normalised in log space, so the cell holding the centre is exactly 1.0 (0 - 0 -> exp(0)).
     """
     pos = (torch.arange(n_cells, device=centre.device, dtype=centre.dtype) + 0.5) * stride  # (n,)
-    inside = (pos[None] >= lo[:, None]) & (pos[None] <= hi[:, None])  # (K, n)
-    # Sub-stride objects: fall back to the cell holding the centre (only if it is on the map).
-    cell = torch.floor(centre / stride).long()
-    on_map = (cell >= 0) & (cell < n_cells)
-    fallback = (~inside.any(dim=1)) & on_map
-    if fallback.any():
-        idx = torch.nonzero(fallback, as_tuple=True)[0]
-        inside[idx, cell[idx]] = True
+    inside = box_axis_cells(lo, hi, n_cells, stride)  # (K, n); sub-stride objects keep their centre's cell
     two_var = 2 * sigma[:, None] ** 2
     expo = -((pos[None] - centre[:, None]) ** 2) / two_var  # (K, n)
     # The best lattice cell of a box is the one holding its centre, so normalising by it puts
