@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -29,6 +30,7 @@ from detdistill.engine.environment import pairing_key, run_environment
 from detdistill.engine.train import train
 from detdistill.report.loss_balance import LossBalance
 from detdistill.report.paired import paired_verdict
+from detdistill.run_claim import claim_run
 
 
 def test_paired_verdict_uses_per_seed_gains_and_a_one_sided_t_test():
@@ -361,3 +363,27 @@ def test_a_bench_can_drop_finished_runs_checkpoints(tiny_config_yaml, tmp_path, 
     spec_path.write_text(yaml.safe_dump(spec))
     run_bench(spec_path, out_dir=out, progress=False)
     assert "done already, skipping" in capsys.readouterr().out
+
+
+def test_benches_sharing_a_spec_train_each_run_once(tiny_config_yaml, tmp_path, capsys):
+    """Two lanes given overlapping seeds: the run one bench holds is skipped by the other, which
+    names the holder, trains the rest and says the report lacks the held run; once free, it trains."""
+    spec = {"name": "shared", "student_config": str(tiny_config_yaml("student.yaml", train__steps=2)),
+            "seeds": [0, 1], "methods": [{"name": "alone"}]}
+    spec_path = tmp_path / "bench.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "bench_out"
+    with claim_run(out / "alone" / "seed0") as lane_a:  # as the other bench does while it trains seed 0
+        assert lane_a.held
+        rows = run_bench(spec_path, out_dir=out, progress=False)
+        printed = capsys.readouterr().out
+    assert f"alone seed 0: being trained by pid {os.getpid()} on " in printed
+    assert "alone seed 1: training in" in printed
+    notice = [line for line in printed.splitlines() if "were being trained by another process" in line]
+    assert len(notice) == 1 and notice[0].startswith("1 run(s)") and "(alone seed 0)" in notice[0]
+    assert not (out / "alone" / "seed0" / "train.log").exists() and not (out / "alone" / "seed0" / "final_metrics.json").exists()
+    assert [r["n"] for r in rows] == [1]
+    rows = run_bench(spec_path, out_dir=out, progress=False)
+    printed = capsys.readouterr().out
+    assert "alone seed 0: training in" in printed and "alone seed 1: done already" in printed
+    assert [r["n"] for r in rows] == [2]

@@ -15,7 +15,9 @@ A benchmark spec is a flat YAML file::
 
 Every (method, seed) run trains in its own subprocess (so peak memory is per run) under
 ``<out>/<method>/seed<k>``; a finished run is skipped and an interrupted one resumes from
-its last checkpoint, so an interrupted bench continues where it stopped. A run whose recorded
+its last checkpoint, so an interrupted bench continues where it stopped. Several benches may
+share a spec's runs (two lanes, overlapping seeds): each claims a run before training it
+(:mod:`detdistill.run_claim`) and skips runs another one holds. A run whose recorded
 config (``bench_config.yaml``) differs from what the spec gives now is refused, with the keys
 that differ: an edited spec never pairs old runs with new ones. The report holds
 AP, AP50, AP75, APs, APm, APl as mean ± std over seeds, seconds per training step and
@@ -45,6 +47,7 @@ from .report.bench_report import write_report
 from .report.loss_balance import LossBalance, loss_balance
 from .report.metrics_log import read_metrics
 from .report.tables import aggregate_seeds
+from .run_claim import claim_run
 
 __all__ = ["BenchMethod", "BenchSpec", "config_drift", "load_spec", "run_bench"]
 
@@ -217,21 +220,34 @@ def run_bench(spec_path: Path, *, out_dir: Path | None = None, seeds: list[int] 
     out.mkdir(parents=True, exist_ok=True)
     _teacher_metrics(spec, out)  # record the teacher before any run distils from it, or refuse a changed one
     total = len(todo) * len(run_seeds)
+    elsewhere: list[str] = []  # runs another bench holds (detdistill.run_claim)
     for k, (method, seed) in enumerate(((m, s) for m in todo for s in run_seeds), start=1):
         run_dir = out / method.name / f"seed{seed}"
         _check_unchanged(spec, method, seed, run_dir)
         if _collect(run_dir) is not None:
             print(f"[{k}/{total}] {method.name} seed {seed}: done already, skipping", flush=True)
             continue
-        cfg_path = _run_config(spec, method, seed, run_dir)
-        print(f"[{k}/{total}] {method.name} seed {seed}: training in {run_dir}", flush=True)
-        cmd = [sys.executable, "-m", "detdistill.cli", "train", str(cfg_path)] + ([] if progress else ["--quiet"])
-        rc = _train_in_subprocess(cmd, run_dir / "train.log", f"{method.name} seed {seed}")
-        if rc != 0 or _collect(run_dir) is None:
-            raise RuntimeError(f"run {method.name} seed {seed} failed (exit {rc}); see {run_dir / 'train.log'}")
-        if not spec.keep_checkpoints:
-            freed = _remove_checkpoints(run_dir)
-            print(f"    removed {run_dir / 'checkpoints'} ({freed / 2**20:.0f} MB; keep_checkpoints: false)", flush=True)
+        with claim_run(run_dir) as claim:
+            if not claim.held:
+                print(f"[{k}/{total}] {method.name} seed {seed}: being trained by {claim.holder}, skipping", flush=True)
+                elsewhere.append(f"{method.name} seed {seed}")
+                continue
+            if _collect(run_dir) is not None:  # another bench finished it while this one was busy
+                print(f"[{k}/{total}] {method.name} seed {seed}: done already, skipping", flush=True)
+                continue
+            cfg_path = _run_config(spec, method, seed, run_dir)
+            print(f"[{k}/{total}] {method.name} seed {seed}: training in {run_dir}", flush=True)
+            cmd = [sys.executable, "-m", "detdistill.cli", "train", str(cfg_path)] + ([] if progress else ["--quiet"])
+            rc = _train_in_subprocess(cmd, run_dir / "train.log", f"{method.name} seed {seed}")
+            if rc != 0 or _collect(run_dir) is None:
+                raise RuntimeError(f"run {method.name} seed {seed} failed (exit {rc}); see {run_dir / 'train.log'}")
+            if not spec.keep_checkpoints:
+                freed = _remove_checkpoints(run_dir)
+                print(f"    removed {run_dir / 'checkpoints'} ({freed / 2**20:.0f} MB; keep_checkpoints: false)",
+                      flush=True)
+    if elsewhere:
+        print(f"{len(elsewhere)} run(s) were being trained by another process and are not in this report "
+              f"({', '.join(elsewhere)}); run `detdistill bench {spec_path}` again once they finish", flush=True)
     rows = []
     per_seed: dict[str, dict[int, dict[str, float]]] = {}
     balances: dict[str, dict[int, LossBalance]] = {}
