@@ -305,6 +305,37 @@ def test_an_option_added_since_a_run_does_not_unpair_it(tiny_config_yaml, tmp_pa
         _check_unchanged(loaded, kl, 0, tmp_path / "kl")
 
 
+def test_a_changed_method_default_shows_as_drift_not_as_the_same_run(tiny_config_yaml, tmp_path, monkeypatch):
+    """A bench record names every method param it trained with; a record from before that (params
+    omitted) is read with the values they meant then (`legacy_param_defaults`), so a method whose
+    default has changed since does not pair its old runs as if they used the new default."""
+    spec = {"name": "defaults", "student_config": str(tiny_config_yaml("student.yaml", train__steps=2)),
+            "teacher_checkpoint": str(tmp_path / "teacher.pt"), "seeds": [0],
+            "methods": [{"name": "alone"}, {"name": "kl", "distill": [{"method": "kl", "params": {"mode": "sigmoid"}}]}]}
+    spec_path = tmp_path / "bench.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    loaded = load_spec(spec_path)
+    kl = loaded.methods[1]
+    recorded_path = _run_config(loaded, kl, 0, tmp_path / "kl")
+    recorded = yaml.safe_load(recorded_path.read_text())
+    assert recorded["distill"][0]["params"] == {"mode": "sigmoid", "temperature": 1.0}  # the default, written out
+    del recorded["distill"][0]["params"]["temperature"]  # as records were written before
+    recorded_path.write_text(yaml.safe_dump(recorded))
+    _check_unchanged(loaded, kl, 0, tmp_path / "kl")  # no default changed since: it pairs
+
+    # the default changes from 2.0 (what the old record meant) to 1.0 (what the signature says now)
+    monkeypatch.setattr(METHODS.get("kl"), "legacy_param_defaults", {"temperature": 2.0})
+    with pytest.raises(ConfigError, match=r"distill\.0\.params\.temperature: 2\.0 -> 1\.0"):
+        _check_unchanged(loaded, kl, 0, tmp_path / "kl")
+    spec["methods"][1]["distill"][0]["params"]["temperature"] = 2.0  # the spec names the old value: it pairs again
+    spec_path.write_text(yaml.safe_dump(spec))
+    _check_unchanged(load_spec(spec_path), load_spec(spec_path).methods[1], 0, tmp_path / "kl")
+    # a record written now carries the value, so the legacy table never applies to it
+    fresh = _run_config(loaded, kl, 0, tmp_path / "kl_now")
+    assert yaml.safe_load(fresh.read_text())["distill"][0]["params"]["temperature"] == 1.0
+    _check_unchanged(loaded, kl, 0, tmp_path / "kl_now")
+
+
 def test_the_report_pairs_every_reported_metric_primary_first():
     from detdistill.report.bench_report import _gain_cell, paired_metrics
 

@@ -69,7 +69,27 @@ def _resolved_run_config(spec: BenchSpec, method: BenchMethod, seed: int, run_di
         cfg = cfg.model_copy(update={"teacher": TeacherConfig(checkpoint=spec.teacher_checkpoint, input_scale=scale,
                                                               inherit=method.teacher_inherit)})
     resolved: dict[str, Any] = json.loads(cfg.model_dump_json())
-    return resolved
+    return _with_method_params(resolved, recorded=False)
+
+
+def _with_method_params(config: dict[str, Any], *, recorded: bool) -> dict[str, Any]:
+    """``config`` with each distill term's omitted params filled in
+    (:meth:`~detdistill.distill.method.DistillMethod.resolved_params`), so a run's record names
+    every value it trained with and a later change of a method's default cannot re-label it.
+    A term of a method this version does not know stays as it is (and differs, by name)."""
+    terms = config.get("distill")
+    if not terms:
+        return config
+    from .distill.methods import METHODS  # torch-heavy: only when a config has KD terms
+
+    filled = []
+    for term in terms:
+        if not (isinstance(term, dict) and term.get("method") in METHODS):
+            filled.append(term)
+            continue
+        method = METHODS.get(term["method"])
+        filled.append({**term, "params": method.resolved_params(term.get("params") or {}, recorded=recorded)})
+    return {**config, "distill": filled}
 
 
 def _run_config(spec: BenchSpec, method: BenchMethod, seed: int, run_dir: Path) -> Path:
@@ -96,12 +116,14 @@ def config_drift(recorded: Any, current: Any, key: str = "") -> list[str]:
 def _with_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
     """A recorded run config with the keys added to detdistill since it ran filled with their
     defaults, which keep the behaviour the run trained with: a new option does not unpair old runs.
+    A method param it omits takes the value it meant when the run was recorded (a changed default's
+    old value, :attr:`~detdistill.distill.method.DistillMethod.legacy_param_defaults`).
     A config this version cannot read stays as recorded (and so differs, by name)."""
     try:
         filled: dict[str, Any] = json.loads(config_from_dict(dict(recorded)).model_dump_json())
     except ConfigError:
         return recorded
-    return filled
+    return _with_method_params(filled, recorded=True)
 
 
 def _check_unchanged(spec: BenchSpec, method: BenchMethod, seed: int, run_dir: Path) -> None:

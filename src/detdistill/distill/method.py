@@ -19,6 +19,7 @@ adapters, its use of ground truth) lives in the method. A new method is one new 
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -141,6 +142,11 @@ class DistillMethod(nn.Module):
     #: on its params sets this on the instance in ``__init__``. The Distiller checks every step's
     #: keys against it and keeps one ``normalize`` factor per part.
     part_names: tuple[str, ...] = ("",)
+    #: Params whose default has changed, with the value a config that omitted them meant before.
+    #: Bench records written since then carry every param (:meth:`resolved_params`), so a recorded
+    #: run config that lacks one predates the change and is read with the old value: a changed
+    #: default then shows as a config change instead of silently re-labelling old runs.
+    legacy_param_defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def needs(cls, term: DistillTermConfig) -> Needs:
@@ -166,6 +172,25 @@ class DistillMethod(nn.Module):
         if unknown:
             raise ValueError(f"distill term {term.label!r} ({cls.name}): unknown params {unknown}; "
                              f"allowed: {', '.join(allowed) or '(none)'}")
+
+    @classmethod
+    def resolved_params(cls, params: Mapping[str, Any], *, recorded: bool = False) -> dict[str, Any]:
+        """``params`` with every omitted user param filled with its default, as plain JSON values
+        (a default that is not one, or a param without a default, stays omitted).
+
+        ``recorded=True`` reads a config written before runs recorded resolved params: a param
+        listed in :attr:`legacy_param_defaults` then takes the value it had at the time.
+        """
+        filled = dict(params)
+        for name, p in inspect.signature(cls.params_signature()).parameters.items():
+            if name in filled or name in cls.reserved_params() or p.default is inspect.Parameter.empty:
+                continue
+            value = cls.legacy_param_defaults.get(name, p.default) if recorded else p.default
+            try:
+                filled[name] = json.loads(json.dumps(value))  # tuples become lists, as a YAML file holds them
+            except TypeError:
+                continue
+        return filled
 
     @classmethod
     def assistant_parts(cls, term: DistillTermConfig) -> tuple[str, ...]:
