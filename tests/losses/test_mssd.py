@@ -107,8 +107,11 @@ def test_self_distill_values() -> None:
     e1 = ((pan[0, :, 1, 2] - fpn[0, :, 1, 2]) ** 2).sum()
     e2 = ((pan[1, :, 3, 0] - fpn[1, :, 3, 0]) ** 2).sum()
     expected = (1.0 * e1 + 0.5 * e2) / (3 * (1.5 + 1e-6))
-    assert torch.allclose(mssd_self_distill_loss(fpn, pan, mask), expected)
-    assert mssd_self_distill_loss(fpn, pan, torch.zeros(2, 1, 4, 4)).item() == 0.0
+    assert torch.allclose(mssd_self_distill_loss(fpn, pan, mask, weighting_mean="mask"), expected)
+    # the default averages over every cell instead: the same weighted sum over 2 * 3 * 4 * 4 elements
+    assert torch.allclose(mssd_self_distill_loss(fpn, pan, mask), (1.0 * e1 + 0.5 * e2) / 96)
+    for mean in ("mask", "map"):
+        assert mssd_self_distill_loss(fpn, pan, torch.zeros(2, 1, 4, 4), weighting_mean=mean).item() == 0.0
     a, t = torch.rand(2, 1, 4, 4), torch.rand(2, 1, 4, 4)
     assert torch.allclose(mssd_mask_loss(a, t), ((a - t) ** 2).mean())
 
@@ -126,7 +129,7 @@ def test_map_mean_weighting_is_the_plain_mse_of_the_masked_error_and_never_ampli
     got = mssd_self_distill_loss(fpn, pan, big, weighting_mean="map")
     torch.testing.assert_close(got, (big * (pan - fpn) ** 2).mean())
     assert got <= mssd_self_distill_loss(fpn, pan)
-    (g_small,) = torch.autograd.grad(mssd_self_distill_loss(fpn, pan, small), pan)
+    (g_small,) = torch.autograd.grad(mssd_self_distill_loss(fpn, pan, small, weighting_mean="mask"), pan)
     (g_plain,) = torch.autograd.grad(mssd_self_distill_loss(fpn, pan), pan)
     (g_map,) = torch.autograd.grad(mssd_self_distill_loss(fpn, pan, small, weighting_mean="map"), pan)
     cell = (slice(None), slice(None), 3, 3)
@@ -142,7 +145,8 @@ def test_map_mean_weighting_is_the_plain_mse_of_the_masked_error_and_never_ampli
 @pytest.mark.parametrize("use_mask", [True, False])
 def test_mssd_loss_module(use_mask: bool) -> None:
     torch.manual_seed(0)
-    crit = MSSDLoss(channels=8, scale_weights=(1.0, 0.5, 0.25), mask_weight=2.0, use_mask_weighting=use_mask)
+    crit = MSSDLoss(channels=8, scale_weights=(1.0, 0.5, 0.25), mask_weight=2.0, use_mask_weighting=use_mask,
+                    weighting_mean="mask")
     names = {n for n, _ in crit.named_parameters()}
     assert names == {f"adapters.{i}.{p}" for i in range(3) for p in ("weight", "bias")}
     assert all(tuple(crit.adapters[i].weight.shape) == (1, 8, 1, 1) for i in range(3))

@@ -24,6 +24,8 @@ class MSSD(DistillMethod):
     family = "self"
     default_weight = 1.0
     paper = "Jia et al., MSSD (Visual Intelligence 2024): FPN maps teach PAN maps"
+    # runs recorded before 2026-12-07 averaged the weighted self term over the mask's mass
+    legacy_param_defaults = {"weighting_mean": "mask"}
 
     @classmethod
     def needs(cls, term: DistillTermConfig) -> Needs:
