@@ -18,7 +18,8 @@ L2, PKD and SSIM that did not help left the detection loss within 1 % and grew t
 - the detection loss ends no lower than the student alone's (the terms do not make the task
   easier to learn);
 - the terms' share of the loss grows over the run (they fall more slowly than the detection
-  loss: the student takes in the teacher's targets less readily than it learns the task).
+  loss: the student takes in the KD targets, a teacher's or its own, less readily than it learns
+  the task).
 
 :func:`loss_balance` measures one run; :func:`diagnose` compares a method's runs with the
 baseline's and says which of these it sees. The figures are the *weighted* terms, as added
@@ -174,7 +175,7 @@ def diagnose(method: Mapping[int, LossBalance], baseline: Mapping[int, LossBalan
                          f"{100 * TASK_GAIN:.0f} % or more: the KD terms do not make the detection task easier to learn")
         if start >= WEAK_SHARE and end > SHARE_GROWTH * start:
             found.append(f"the KD terms' share of the loss grows from {100 * start:.2g} % to {100 * end:.2g} % over the "
-                         "run: they fall more slowly than the detection loss, so the student takes in the teacher's "
+                         "run: they fall more slowly than the detection loss, so the student takes in the KD "
                          "targets less readily than it learns the task")
     for term in sorted({t for b in runs for t in b.assistant_end}):
         with_it = [b for b in runs if term in b.assistant_end]
