@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,17 +285,23 @@ def test_an_edited_spec_refuses_the_runs_of_the_old_one(tiny_config_yaml, tmp_pa
     _check_unchanged(load_spec(spec_path), loaded.methods[0], 0, moved / "alone" / "seed0")
 
 
-def test_an_option_added_since_a_run_does_not_unpair_it(tiny_config_yaml, tmp_path):
-    """A run recorded before a config key existed (here `teacher.inherit`, whose default keeps the old
-    behaviour) still pairs; a recorded key this version does not know still differs, by name."""
-    spec = {"name": "older", "student_config": str(tiny_config_yaml("student.yaml", train__steps=2)),
+def _recorded_kl_run(tiny_config_yaml, tmp_path, kl_term: dict) -> tuple[dict, Path, BenchSpec, BenchMethod, Path]:
+    """A bench spec of `alone` and one KL row (``kl_term``), and that row's seed-0 record as the
+    bench writes it before training: (spec dict, spec path, loaded spec, the KL row, record path)."""
+    spec = {"name": "recorded", "student_config": str(tiny_config_yaml("student.yaml", train__steps=2)),
             "teacher_checkpoint": str(tmp_path / "teacher.pt"), "seeds": [0],
-            "methods": [{"name": "alone"}, {"name": "kl", "distill": [{"method": "kl"}]}]}
+            "methods": [{"name": "alone"}, {"name": "kl", "distill": [kl_term]}]}
     spec_path = tmp_path / "bench.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     loaded = load_spec(spec_path)
     kl = loaded.methods[1]
-    recorded_path = _run_config(loaded, kl, 0, tmp_path / "kl")
+    return spec, spec_path, loaded, kl, _run_config(loaded, kl, 0, tmp_path / "kl")
+
+
+def test_an_option_added_since_a_run_does_not_unpair_it(tiny_config_yaml, tmp_path):
+    """A run recorded before a config key existed (here `teacher.inherit`, whose default keeps the old
+    behaviour) still pairs; a recorded key this version does not know still differs, by name."""
+    _, _, loaded, kl, recorded_path = _recorded_kl_run(tiny_config_yaml, tmp_path, {"method": "kl"})
     recorded = yaml.safe_load(recorded_path.read_text())
     del recorded["teacher"]["inherit"]  # as written before the key existed
     recorded_path.write_text(yaml.safe_dump(recorded))
@@ -309,14 +316,8 @@ def test_a_changed_method_default_shows_as_drift_not_as_the_same_run(tiny_config
     """A bench record names every method param it trained with; a record from before that (params
     omitted) is read with the values they meant then (`legacy_param_defaults`), so a method whose
     default has changed since does not pair its old runs as if they used the new default."""
-    spec = {"name": "defaults", "student_config": str(tiny_config_yaml("student.yaml", train__steps=2)),
-            "teacher_checkpoint": str(tmp_path / "teacher.pt"), "seeds": [0],
-            "methods": [{"name": "alone"}, {"name": "kl", "distill": [{"method": "kl", "params": {"mode": "sigmoid"}}]}]}
-    spec_path = tmp_path / "bench.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
-    loaded = load_spec(spec_path)
-    kl = loaded.methods[1]
-    recorded_path = _run_config(loaded, kl, 0, tmp_path / "kl")
+    spec, spec_path, loaded, kl, recorded_path = _recorded_kl_run(
+        tiny_config_yaml, tmp_path, {"method": "kl", "params": {"mode": "sigmoid"}})
     recorded = yaml.safe_load(recorded_path.read_text())
     assert recorded["distill"][0]["params"] == {"mode": "sigmoid", "temperature": 1.0}  # the default, written out
     del recorded["distill"][0]["params"]["temperature"]  # as records were written before
