@@ -365,6 +365,45 @@ def test_ultralytics_yolo_student(batch, sgd):
     distiller.remove_hooks()
 
 
+def test_yolo_boxes_are_distilled_toward_the_assistant_as_dfl_distributions(batch):
+    """On YOLOv8 the box outputs are DFL bin logits: L_bbox is the confidence-weighted KL over each
+    side's distribution (as the `box` method), checked against a hand computation from the
+    student's and the assistant's outputs that the step actually used."""
+    pytest.importorskip("ultralytics")
+    from detdistill.adapters.base import get_adapter
+    from detdistill.config import ModelConfig
+
+    adapter = get_adapter("ultralytics")
+    torch.manual_seed(0)
+    student = adapter.build(ModelConfig(framework="ultralytics", arch="yolov8n"), 3)
+    teacher = adapter.build(ModelConfig(framework="ultralytics", arch="yolov8s"), 3)
+    gamma = 0.5
+    term = _term(pairs=[(f"neck.p{lvl}", f"neck.p{lvl}") for lvl in (3, 4, 5)], sdf_taps=["backbone.p5", "backbone.p5"],
+                 gamma=gamma)
+    distiller = Distiller(student, adapter, [term], Teacher(teacher, adapter))
+    method = next(iter(distiller.methods.values()))
+    seen: dict[str, object] = {}
+    head = method._adapter.head
+
+    def recording_head(model, features, raw, b=None):
+        seen["student"], seen["assistant"] = raw, head(model, features, raw, b)
+        return seen["assistant"]
+
+    method._adapter = copy.copy(method._adapter)
+    method._adapter.head = recording_head
+    student.train()
+    kd = distiller(student, batch, 0)["kd/scalekd/bbox"]
+    s, a = seen["student"], seen["assistant"]
+    assert s.box_format == "yolo_dfl"
+    n, anchors, k = s.box_preds.shape
+    p = torch.softmax(a.box_preds.detach().reshape(n, anchors, 4, k // 4), -1)
+    log_q = torch.log_softmax(s.box_preds.detach().reshape(n, anchors, 4, k // 4), -1)
+    per_anchor = (p * (p.log() - log_q)).sum(-1).mean(-1)  # temperature 1, mean over the four sides
+    w = torch.sigmoid(a.cls_logits.detach()).amax(-1)
+    assert kd.item() == pytest.approx(gamma * ((per_anchor * w).sum() / w.sum()).item(), rel=1e-4)
+    distiller.remove_hooks()
+
+
 def test_end_to_end_run_with_its_own_csa_optimizer_group(tmp_path, tiny_config, single_thread):
     """`train` builds ScaleKD from a config: the CSA gets its own optimiser group, the run
     finishes, evaluates and exports the plain student."""

@@ -13,7 +13,8 @@
   refined maps go through **the student's own head** (``adapter.head``), supervised by the
   ground truth (``L_csa`` = ``adapter.head_loss``), and the student's class and box outputs
   are distilled toward the assistant's (``L_cls``: sigmoid KL; ``L_bbox``: smooth L1 weighted
-  by the assistant's foreground confidence) instead of toward the teacher's raw outputs.
+  by the assistant's foreground confidence, or on YOLOv8's DFL bins the KL over each side's
+  distribution, as the ``box`` method compares them) instead of toward the teacher's raw outputs.
 
 Choices where the paper is open (``docs/methods.md`` has the reasons):
 
@@ -47,7 +48,6 @@ from torch import Tensor, nn
 
 from ...config import DistillTermConfig
 from ...engine.optim import OPTIMIZER_KINDS
-from ...losses.box_distill import weighted_box_distill_loss
 from ...losses.feature import l2_feature_loss
 from ...losses.kl import kl_logit_loss
 from ...modules import frozen_pass, unwrap
@@ -55,6 +55,7 @@ from ...structures import RawOutputs
 from ..connectors import Connector
 from ..method import BuildContext, DistillMethod, Needs, StepContext, register_method
 from ..scalekd_modules import CrossScaleAssistant, ScaleDecoupledFeatures
+from .box import BOX_COMPARATORS
 
 _SDF_TAPS = ("backbone.layer4", "backbone.layer4")
 
@@ -202,15 +203,23 @@ class ScaleKD(DistillMethod):
         if mine.cls_logits is None:  # two-stage: the RPN is the dense part both passes share
             s_logits, s_boxes = _rpn(mine)
             a_logits, a_boxes = _rpn(assistant)
+            box_format = "retinanet_deltas"  # the RPN regresses anchor deltas
         else:
             s_logits, s_boxes, a_logits, a_boxes = mine.cls_logits, mine.box_preds, assistant.cls_logits, assistant.box_preds
+            box_format = mine.box_format
+        # Boxes are compared as the box-KD method compares them: smooth L1 on regressed values, KL on
+        # YOLOv8's DFL bins (a smooth L1 on bin logits would pull on values that are not distances).
+        compare_boxes = BOX_COMPARATORS.get(box_format or "")
+        if compare_boxes is None:
+            raise ValueError(f"distill term {self.label!r} (scalekd): no box comparison for the student head's box "
+                             f"format {box_format!r}; known: {sorted(BOX_COMPARATORS)}")
         if s_logits.shape != a_logits.shape:
             raise ValueError(f"distill term {self.label!r} (scalekd): the CSA pairs must be every level the student's "
                              f"head reads: head outputs {tuple(s_logits.shape)} vs {tuple(a_logits.shape)}")
         a_logits, a_boxes = a_logits.detach(), a_boxes.detach()
         confidence = torch.sigmoid(a_logits).amax(dim=-1)
         return {"cls": self.beta * kl_logit_loss(s_logits, a_logits, temperature=self.temperature, mode="sigmoid"),
-                "bbox": self.gamma * weighted_box_distill_loss(s_boxes, a_boxes, confidence),
+                "bbox": self.gamma * compare_boxes(s_boxes, a_boxes, confidence, beta=1.0, temperature=1.0),
                 "csa": self.csa_weight * csa_loss}
 
 
