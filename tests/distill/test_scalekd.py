@@ -340,6 +340,24 @@ def test_bad_terms_name_the_problem(adapter, fcos_pair):
         Distiller(student, adapter, [_term()], None)
 
 
+def test_a_box_format_it_cannot_compare_is_refused_by_name(adapter, fcos_pair, batch):
+    student, teacher = fcos_pair
+    distiller = Distiller(student, adapter, [_term()], Teacher(teacher, adapter))
+    method = next(iter(distiller.methods.values()))
+    head = method._adapter.head
+
+    def head_of_another_format(model, features, raw, b=None):
+        raw.box_format = "cxcywh_norm"  # the student's own outputs, as a DETR would label them
+        return head(model, features, raw, b)
+
+    method._adapter = copy.copy(method._adapter)
+    method._adapter.head = head_of_another_format
+    student.train()
+    with pytest.raises(ValueError, match=r"'scalekd' \(scalekd\): box format 'cxcywh_norm' is not supported"):
+        distiller(student, batch, 0)
+    distiller.remove_hooks()
+
+
 def test_ultralytics_yolo_student(batch, sgd):
     """The protocol carries ScaleKD to ultralytics: SDF on the last backbone level, CSA on the
     three Detect inputs through the YOLO head, and the backbone freeze through the adapter."""

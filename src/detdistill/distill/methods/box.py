@@ -40,6 +40,15 @@ BOX_COMPARATORS: dict[str, Callable[..., Tensor]] = {
 }
 
 
+def box_comparator(box_format: str | None, label: str, method: str) -> Callable[..., Tensor]:
+    """The comparison for ``box_format`` from :data:`BOX_COMPARATORS`; an unsupported format is
+    refused naming the term (``label``) and ``method``, so it fails at build, not mid-run."""
+    if box_format not in BOX_COMPARATORS:
+        raise ValueError(f"distill term {label!r} ({method}): box format {box_format!r} is not supported "
+                         f"(supported: {', '.join(BOX_COMPARATORS)}); DETRs distil boxes with detr_logits")
+    return BOX_COMPARATORS[box_format]
+
+
 def _box_layout(adapter: DetectorAdapter, model: nn.Module, size: int) -> tuple[str | None, tuple[int, ...] | None]:
     """``(box_format, (A, K))`` of the dense box outputs on a blank ``size`` x ``size`` image."""
     raw = probe_raw_outputs(adapter, model, size)
@@ -86,10 +95,7 @@ class BoxKD(DistillMethod):
             self._comparator(s[0])  # an unsupported format fails at build, not at the first step
 
     def _comparator(self, box_format: str | None) -> Callable[..., Tensor]:
-        if box_format not in BOX_COMPARATORS:
-            raise ValueError(f"distill term {self.label!r} (box): box format {box_format!r} is not supported "
-                             f"(supported: {', '.join(BOX_COMPARATORS)}); DETRs distil boxes with detr_logits")
-        return BOX_COMPARATORS[box_format]
+        return box_comparator(box_format, self.label, "box")
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:  # type: ignore[override]
         s, t = ctx.student_raw, ctx.teacher_raw

@@ -55,7 +55,7 @@ from ...structures import RawOutputs
 from ..connectors import Connector
 from ..method import BuildContext, DistillMethod, Needs, StepContext, register_method
 from ..scalekd_modules import CrossScaleAssistant, ScaleDecoupledFeatures
-from .box import BOX_COMPARATORS
+from .box import box_comparator
 
 _SDF_TAPS = ("backbone.layer4", "backbone.layer4")
 
@@ -207,12 +207,10 @@ class ScaleKD(DistillMethod):
         else:
             s_logits, s_boxes, a_logits, a_boxes = mine.cls_logits, mine.box_preds, assistant.cls_logits, assistant.box_preds
             box_format = mine.box_format
-        # Boxes are compared as the box-KD method compares them: smooth L1 on regressed values, KL on
-        # YOLOv8's DFL bins (a smooth L1 on bin logits would pull on values that are not distances).
-        compare_boxes = BOX_COMPARATORS.get(box_format or "")
-        if compare_boxes is None:
-            raise ValueError(f"distill term {self.label!r} (scalekd): no box comparison for the student head's box "
-                             f"format {box_format!r}; known: {sorted(BOX_COMPARATORS)}")
+        # Boxes are compared as box KD compares them: smooth L1 on regressed values, KL on YOLOv8's DFL
+        # bins (a smooth L1 on bin logits pulls on values that are not distances). Looked up here, not at
+        # build: a blank-image probe cannot run a two-stage head, and it is one dict lookup a step.
+        compare_boxes = box_comparator(box_format, self.label, "scalekd")
         if s_logits.shape != a_logits.shape:
             raise ValueError(f"distill term {self.label!r} (scalekd): the CSA pairs must be every level the student's "
                              f"head reads: head outputs {tuple(s_logits.shape)} vs {tuple(a_logits.shape)}")
